@@ -8,8 +8,8 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import re
-import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -75,8 +75,10 @@ class App:
         self.options = options or Options()
         self.state = State(data_dir)
         self.operations = Operations(self)
-        self._notify_lock = threading.Lock()
-        self.notifier = None  # set by notifications.py when a Pub/Sub emulator is configured
+        self.notifier = None
+        if os.environ.get("PUBSUB_EMULATOR_HOST"):
+            from .notifications import Notifier  # store notifications through Google's Pub/Sub emulator
+            self.notifier = Notifier(self)
 
     # -- helpers passed to dicomweb -----------------------------------------------------------
     def base_url(self, request: Request) -> str:
@@ -110,6 +112,9 @@ class App:
             return self.operations.logs_response(path[len("/logs/"):])
         if path.startswith("/emulator/"):
             return self.emulator_endpoint(request, path[len("/emulator/"):])
+        if path.startswith(("/bigquery/", "/discovery/")):
+            from . import bigquery_api  # the BigQuery REST surface over the same warehouse
+            return bigquery_api.handle(self, request)
         m = re.match(r"^/(v1|v1beta1)/(.*)$", path)
         if not m:
             raise ApiError("NOT_FOUND", f"The requested URL {path} was not found on this server.")

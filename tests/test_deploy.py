@@ -1,0 +1,94 @@
+"""deploy.sh: shellcheck-clean, and --dry-run prints the commands a real deploy would run."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dry_run(*args: str, env: dict | None = None) -> list[str]:
+    """Run deploy.sh --dry-run with a `gcloud` first on PATH that records any call: none may happen."""
+    with tempfile.TemporaryDirectory() as tmp:
+        called = Path(tmp) / "called"
+        fake = Path(tmp) / "gcloud"
+        fake.write_text(f'#!/bin/sh\necho "$@" >> {called}\nexit 1\n')
+        fake.chmod(0o755)
+        r = subprocess.run(["bash", str(ROOT / "deploy.sh"), "--dry-run", *args], capture_output=True, text=True,
+                           env={"PATH": f"{tmp}:/usr/bin:/bin", **(env or {})}, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert not called.exists(), f"--dry-run ran gcloud: {called.read_text()}"
+    return r.stdout.splitlines()
+
+
+def test_shellcheck_clean():
+    sc = shutil.which("shellcheck") or str(Path(__import__("sys").executable).parent / "shellcheck")
+    r = subprocess.run([sc, str(ROOT / "deploy.sh"), str(ROOT / ".ci" / "run")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_dry_run_plans_everything_and_runs_nothing():
+    out = dry_run("--project", "my-proj-1", "--region", "europe-west4", "--filter-bucket", "my-filters",
+                  "--ingest-topic", "dicom-stored", "--dest-projects", "my-proj-1,analytics-proj")
+    text = "\n".join(out)
+    cmds = [line for line in out if line.startswith("+ ")]
+    assert any("services enable healthcare.googleapis.com" in c for c in cmds)
+    for topic in ("dicom-export-requests", "dicom-export-events", "dicom-export-poll", "dicom-export-dead-letter"):
+        assert f"pubsub topics create {topic}" in text
+    assert "pubsub subscriptions create dicom-export-dead-letter-hold --topic=dicom-export-dead-letter" in text
+    assert "firestore databases create --location=europe-west4" in text
+    assert "iam roles create dicomExportRunner" in text
+    assert "healthcare.dicomStores.export" in text
+    # the Cloud Healthcare Service Agent gets BigQuery roles on every destination project
+    for project in ("my-proj-1", "analytics-proj"):
+        for role in ("roles/bigquery.dataEditor", "roles/bigquery.jobUser"):
+            assert any(f"projects add-iam-policy-binding {project}" in c and "gcp-sa-healthcare" in c and role in c
+                       for c in cmds), (project, role)
+    assert any("gs://my-filters" in c and "roles/storage.objectViewer" in c and "gcp-sa-healthcare" in c
+               for c in cmds)
+    deploys = [c for c in cmds if " functions deploy " in c]
+    names = [c.split(" functions deploy ")[1].split()[0] for c in deploys]
+    assert names == ["export_request", "poll_exports", "export_status", "ingest_notification"]
+    for c in deploys:
+        assert "--gen2" in c and "--runtime=python312" in c and "--region=europe-west4" in c
+        assert "--service-account=dicom-export@my-proj-1.iam.gserviceaccount.com" in c
+    for name in ("export_request", "poll_exports", "ingest_notification"):
+        c = next(c for c in deploys if f"deploy {name} " in c)
+        assert "--retry" in c and "--trigger-topic=" in c
+        assert any("--dead-letter-topic=dicom-export-dead-letter" in d and name in d for d in cmds)
+    status = next(c for c in deploys if "deploy export_status " in c)
+    assert "--trigger-http" in status and "--no-allow-unauthenticated" in status
+    assert "scheduler jobs create pubsub dicom-export-poll" in text
+    assert "pubsub topics publish dicom-export-requests" in text  # how to send a first request
+
+
+def test_settings_come_from_env_and_flags_win():
+    out = "\n".join(dry_run("--project", "flag-proj-1", env={"GOOGLE_CLOUD_PROJECT": "env-proj-1",
+                                                              "EXPORT_EVENTS_TOPIC": "my-events",
+                                                              "ALLOWED_DICOM_STORES": "projects/x/*,projects/y/*"}))
+    assert "--project=flag-proj-1" in out and "env-proj-1" not in out
+    assert "pubsub topics create my-events" in out
+    assert 'ALLOWED_DICOM_STORES: "projects/x/*,projects/y/*"' in out
+
+
+@pytest.mark.parametrize("args, needle", [
+    ([], "--project"),
+    (["--project", "p-1234", "--max-operation-age", "soon"], "--max-operation-age"),
+    (["--project", "p-1234", "--bogus"], "unknown option --bogus"),
+])
+def test_bad_settings_are_refused(args, needle):
+    r = subprocess.run(["bash", str(ROOT / "deploy.sh"), "--dry-run", *args], capture_output=True, text=True,
+                       env={"PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2 and needle in r.stderr
+
+
+def test_help_documents_every_setting():
+    r = subprocess.run(["bash", str(ROOT / "deploy.sh"), "--help"], capture_output=True, text=True)
+    for var in ("GOOGLE_CLOUD_PROJECT", "EXPORT_REQUESTS_TOPIC", "EXPORT_EVENTS_TOPIC", "LEDGER_COLLECTION",
+                "ALLOWED_DICOM_STORES", "ALLOWED_BQ_DATASETS", "DEFAULT_DICOM_STORE", "MAX_OPERATION_AGE_S",
+                "INGEST_FILTER_BUCKET", "INGEST_ROUTES"):
+        assert var in r.stdout
