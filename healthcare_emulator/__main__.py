@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     bsub = b.add_subparsers(dest="bqcmd", required=True)
     mk = bsub.add_parser("mk", help="create a BigQuery dataset: PROJECT.DATASET")
     mk.add_argument("ref")
+    mk.add_argument("-f", "--force", action="store_true", help="succeed if the dataset already exists (as bq mk -f)")
     mk.add_argument("--data-dir", required=True)
 
     q = sub.add_parser("query", help="run BigQuery Standard SQL; prints a JSON array of rows")
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.cmd == "bq":
         from .warehouse import cli_bq_mk
-        return cli_bq_mk(args.data_dir, args.ref)
+        return cli_bq_mk(args.data_dir, args.ref, exists_ok=args.force)
     if args.cmd == "query":
         from .warehouse import cli_query
         return cli_query(args.data_dir, args.sql)
