@@ -112,10 +112,10 @@ class App:
             return self.operations.logs_response(path[len("/logs/"):])
         if path.startswith("/emulator/"):
             return self.emulator_endpoint(request, path[len("/emulator/"):])
-        if path.startswith(("/bigquery/", "/discovery/")):
+        if path.startswith(("/bigquery/", "/discovery/", "/$discovery/")):  # $discovery: bq --api=URL
             from . import bigquery_api  # the BigQuery REST surface over the same warehouse
             return bigquery_api.handle(self, request)
-        m = re.match(r"^/(v1|v1beta1)/(.*)$", path)
+        m = re.match(r"^/(v1|v1beta1|v1alpha2)/(.*)$", path)  # v1alpha2: gcloud alpha healthcare
         if not m:
             raise ApiError("NOT_FOUND", f"The requested URL {path} was not found on this server.")
         version, rest = m.groups()
@@ -224,15 +224,17 @@ class App:
 
     def delete_dataset(self, name: str) -> Response:
         self.require_dataset(name)
-        with self.state.tx() as db:
-            shas = {r["blob"] for r in db.execute(
-                "SELECT DISTINCT blob FROM instances WHERE store LIKE ? ESCAPE '\\'", (like_prefix(name + "/"),))}
-            db.execute("DELETE FROM instances WHERE store LIKE ? ESCAPE '\\'", (like_prefix(name + "/"),))
-            db.execute("DELETE FROM stores WHERE dataset = ?", (name,))
-            db.execute("DELETE FROM operation_logs WHERE operation LIKE ? ESCAPE '\\'", (like_prefix(name + "/"),))
-            db.execute("DELETE FROM operations WHERE dataset = ?", (name,))
-            db.execute("DELETE FROM datasets WHERE name = ?", (name,))
-        self.state.drop_unreferenced_blobs(shas)
+        with self.state.write_lock:  # held until the files are gone: no STOW may reuse a blob meanwhile
+            with self.state.tx() as db:
+                shas = {r["blob"] for r in db.execute(
+                    "SELECT DISTINCT blob FROM instances WHERE store LIKE ? ESCAPE '\\'", (like_prefix(name + "/"),))}
+                db.execute("DELETE FROM instances WHERE store LIKE ? ESCAPE '\\'", (like_prefix(name + "/"),))
+                db.execute("DELETE FROM stores WHERE dataset = ?", (name,))
+                db.execute("DELETE FROM operation_logs WHERE operation LIKE ? ESCAPE '\\'",
+                           (like_prefix(name + "/"),))
+                db.execute("DELETE FROM operations WHERE dataset = ?", (name,))
+                db.execute("DELETE FROM datasets WHERE name = ?", (name,))
+            self.state.drop_unreferenced_blobs(shas)
         return json_response({})
 
     # -- DICOM stores ---------------------------------------------------------------------------
@@ -309,13 +311,15 @@ class App:
         return json_response(resource)
 
     def delete_store(self, name: str) -> Response:
-        with self.state.tx() as db:
-            if not db.execute("SELECT 1 FROM stores WHERE name = ?", (name,)).fetchone():
-                raise not_found(f"DICOM store not found: {name}")
-            shas = {r["blob"] for r in db.execute("SELECT DISTINCT blob FROM instances WHERE store = ?", (name,))}
-            db.execute("DELETE FROM instances WHERE store = ?", (name,))
-            db.execute("DELETE FROM stores WHERE name = ?", (name,))
-        self.state.drop_unreferenced_blobs(shas)
+        with self.state.write_lock:  # held until the files are gone: no STOW may reuse a blob meanwhile
+            with self.state.tx() as db:
+                if not db.execute("SELECT 1 FROM stores WHERE name = ?", (name,)).fetchone():
+                    raise not_found(f"DICOM store not found: {name}")
+                shas = {r["blob"] for r in db.execute("SELECT DISTINCT blob FROM instances WHERE store = ?",
+                                                      (name,))}
+                db.execute("DELETE FROM instances WHERE store = ?", (name,))
+                db.execute("DELETE FROM stores WHERE name = ?", (name,))
+            self.state.drop_unreferenced_blobs(shas)
         return json_response({})
 
     # -- listing with pages -----------------------------------------------------------------------
