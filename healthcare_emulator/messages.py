@@ -37,7 +37,7 @@ DICOM_STORE = {
     "name": "string",
     "labels": ("map", "string"),
     "notificationConfig": {"pubsubTopic": "string", "sendForBulkImport": "bool"},
-    "notificationConfigs": [{"pubsubTopic": "string", "filter": "string"}],
+    "notificationConfigs": [{"pubsubTopic": "string"}],
     "streamConfigs": [{"bigqueryDestination": BQ_DESTINATION}],
 }
 CANCEL = EMPTY

@@ -449,6 +449,10 @@ class Operations:
                 pickle.dump(batch, out, protocol=pickle.HIGHEST_PROTOCOL)
                 batch = []
         progress()
+        if not schema:  # nothing exported: keep the table's columns, or create it with the key columns
+            schema = existing["schema"] if existing is not None else [
+                {"name": k, "type": "STRING", "mode": "NULLABLE"}
+                for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
         if existing is not None and if_exists == "append" and not as_json:
             schema = dicom_bq.union_schemas(existing["schema"], schema, prefer="left")
 

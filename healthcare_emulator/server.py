@@ -261,6 +261,9 @@ class App:
             if t and not re.match(r"^projects/[^/]+/topics/[^/]+$", t):
                 raise invalid(f"Invalid Pub/Sub topic {t!r}: it must be projects/PROJECT/topics/TOPIC.",
                               "notification_config.pubsub_topic")
+        if any(topics) and self.notifier is None:
+            log.warning("notifications to %s will not be sent: set PUBSUB_EMULATOR_HOST to publish them "
+                        "through Google's Pub/Sub emulator", ", ".join(t for t in topics if t))
         for i, sc in enumerate(body.get("streamConfigs", [])):
             from .operations import parse_table_uri
             parse_table_uri(sc.get("bigqueryDestination", {}).get("tableUri", ""),

@@ -359,3 +359,10 @@ def test_state_survives_a_restart(logs_dir, tmp_path, three):
         assert query(data, f"SELECT COUNT(*) AS n FROM `{PROJECT}.ds.t`")[0]["n"] == 3
     finally:
         svc.stop()
+
+
+def test_exporting_an_empty_store_succeeds_with_zero_rows(api, hc):
+    ds = bq_dataset(hc.data_dir)
+    op = api.export_and_wait(api.store(), {"bigqueryDestination": {"tableUri": f"bq://{PROJECT}.{ds}.empty"}})
+    assert "error" not in op and op["metadata"]["counter"] == {"success": "0"}
+    assert query(hc.data_dir, f"SELECT COUNT(*) AS n FROM `{PROJECT}.{ds}.empty`") == [{"n": 0}]
