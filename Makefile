@@ -18,5 +18,20 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+## the main job offline: every local service, sample DICOM, two exports through Pub/Sub, the seed's queries
+demo: $(STAMP)
+	$(PY) -m stack demo
+
+## keep the local stack running (endpoints and environment printed); stop it with make down
+up: $(STAMP)
+	$(PY) -m stack up
+
+down:
+	$(PY) -m stack down
+
+## benchmarks: each prints its figure and its ratio to a baseline measured in the same run
+bench: $(STAMP)
+	$(PY) bench/emulator_export.py --instances $${BENCH_INSTANCES:-20000}
+
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,1 @@
+"""The local stack: every service on one machine, wired as in the cloud, and a small client."""
