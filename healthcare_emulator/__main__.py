@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="per project; beyond it export answers 429 RESOURCE_EXHAUSTED (0: no limit)")
     s.add_argument("--export-rate", type=float, default=float(env("HC_EMULATOR_EXPORT_RATE", "0")),
                    help="slow-export mode: instances per second (0: full speed)")
+    s.add_argument("--export-workers", type=int,
+                   default=int(env("HC_EMULATOR_EXPORT_WORKERS")) if env("HC_EMULATOR_EXPORT_WORKERS") else None,
+                   help="processes that read and map instances during an export (default: one per core; "
+                        "0 or 1: in the export thread)")
     s.add_argument("--verbose", action="store_true")
 
     b = sub.add_parser("bq", help="BigQuery helpers on the local warehouse")
@@ -76,7 +80,8 @@ def serve(args) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = Options(require_token=args.require_token, fault_rates=_rates([f for f in args.fault if f]),
                       latency_s=args.latency, max_running_operations=args.max_running_operations,
-                      export_instances_per_s=args.export_rate, verbose=args.verbose)
+                      export_instances_per_s=args.export_rate, export_workers=args.export_workers,
+                      verbose=args.verbose)
     app = create_app(args.data_dir, options)
 
     class Handler(WSGIRequestHandler):

@@ -1,15 +1,15 @@
 """Long-running operations, and the export that runs inside one.
 
-An export reads the selected instances' headers (never pixel data), maps each to a row
-(dicom_bq, pure), spills mapped batches to a temp file while the schema's union grows, then
-streams them, conformed to the final schema, into the warehouse, which commits atomically.
+An export reads the selected instances' headers (never pixel data) and maps each to a row
+(dicom_bq, pure), in chunks spread over worker processes (mapper.py) that spill the rows to temp
+files while the schema's union grows; then the chunks stream, conformed to the final schema where
+it differs from theirs, into the warehouse, which commits atomically.
 A failed or cancelled export therefore leaves the destination table exactly as it was.
 """
 from __future__ import annotations
 
 import json
 import os
-import pickle
 import random
 import re
 import secrets
@@ -27,7 +27,7 @@ DATASET_RE = re.compile(r"^[A-Za-z0-9_]{1,1024}$")
 TABLE_RE = re.compile(r"^[\w\- ]{1,1024}$")  # letters, marks, numbers, connectors, dashes, spaces
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._\-]{1,220}[a-z0-9]$")
 FILTER_LINE = re.compile(r"^/studies/([0-9.]{1,64})(?:/series/([0-9.]{1,64})(?:/instances/([0-9.]{1,64}))?)?$")
-BATCH = 500
+CHUNK = 250  # instances a worker maps at a time
 PAGE = 1000
 
 
@@ -90,7 +90,8 @@ class Operations:
         self._lock = threading.Lock()
         self._changed = threading.Condition()
         self._warehouse = None
-        for f in self.state.tmp_dir.glob("*.spill"):
+        self._workers = None
+        for f in self.state.tmp_dir.glob("*.spill*"):
             f.unlink()
         # Exports that were running when the server stopped start again: nothing was committed.
         for row in self.state.db().execute("SELECT name FROM operations WHERE done = 0 ORDER BY seq"):
@@ -155,14 +156,23 @@ class Operations:
         return body
 
     def log(self, op: str, severity: str, resource: str, code: int, message: str) -> None:
-        entry = {"timestamp": now(), "severity": severity,
-                 "resource": {"type": "healthcare_dicom_store"},
-                 "jsonPayload": {"@type": "type.googleapis.com/google.cloud.healthcare.logging.ExportDicomDataLogEntry",
-                                 "resourceName": resource, "error": {"code": code, "message": message}}}
+        self.log_many(op, [(severity, resource, code, message)])
+
+    def log_many(self, op: str, entries: list[tuple[str, str, int, str]]) -> None:
+        """Append (severity, resource, code, message) entries to the operation's logs, in one transaction."""
+        if not entries:
+            return
+        t = now()
         with self.state.tx() as db:
-            seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM operation_logs WHERE operation = ?",
+            seq = db.execute("SELECT COALESCE(MAX(seq), 0) FROM operation_logs WHERE operation = ?",
                              (op,)).fetchone()[0]
-            db.execute("INSERT INTO operation_logs VALUES (?, ?, ?)", (op, seq, json.dumps(entry)))
+            db.executemany("INSERT INTO operation_logs VALUES (?, ?, ?)", [
+                (op, seq + i, json.dumps({
+                    "timestamp": t, "severity": severity, "resource": {"type": "healthcare_dicom_store"},
+                    "jsonPayload": {"@type": "type.googleapis.com/google.cloud.healthcare.logging."
+                                             "ExportDicomDataLogEntry",
+                                    "resourceName": resource, "error": {"code": code, "message": message}}}))
+                for i, (severity, resource, code, message) in enumerate(entries, 1)])
 
     # -- HTTP ------------------------------------------------------------------------------------
     def maybe_fault(self, method: str) -> None:
@@ -293,7 +303,8 @@ class Operations:
             self._finish(name, response={"@type": "type.googleapis.com/google.protobuf.Empty"})
         finally:
             self._cancel_events.pop(name, None)
-            spill.unlink(missing_ok=True)
+            for f in spill.parent.glob(spill.name + ".*"):
+                f.unlink(missing_ok=True)
 
     def _finish(self, name: str, *, error: dict | None = None, response: dict | None = None) -> None:
         def done(b):
@@ -370,8 +381,23 @@ class Operations:
             lines.append((i, line))
         return lines
 
+    def _pool(self):
+        """Worker processes for the export's CPU-bound first pass (None: map in the export thread)."""
+        workers = self.app.options.export_workers
+        if workers is None:
+            workers = os.cpu_count() or 1
+        if workers <= 1:
+            return None
+        with self._lock:
+            if self._workers is None:
+                import multiprocessing
+                from concurrent.futures import ProcessPoolExecutor
+                self._workers = ProcessPoolExecutor(max_workers=workers,
+                                                    mp_context=multiprocessing.get_context("spawn"))
+            return self._workers
+
     def _export(self, name: str, store: str, body: dict, spill) -> tuple[int, int]:
-        from . import dicom_bq
+        from . import dicom_bq, mapper
         from .warehouse import WarehouseError
 
         dest = body["bigqueryDestination"]
@@ -391,64 +417,76 @@ class Operations:
                                                       "WRITE_EMPTY only exports into an empty table.")
         rate = self.app.options.export_instances_per_s
         ev = self._cancel_events.get(name) or threading.Event()
-        success = failure = 0
-        schema: list = dicom_bq.JSON_SCHEMA(bool(source)) if as_json else []
-        last_schema = None
-        total = None
-        batch: list = []
+        pool = None if rate else self._pool()
+        chunk_size = 1 if rate else CHUNK
+        counts = {"success": 0, "failure": 0}
+
+        if body.get("filterConfig"):
+            selected = list(self._selected(store, body, name))
+            total = len(selected)
+        else:
+            total = self.state.db().execute("SELECT COUNT(*) FROM instances WHERE store = ?", (store,)).fetchone()[0]
+            selected = self._selected(store, body, name)
 
         def progress():
-            pending = max((total or 0) - success - failure, 0)
-            self._update(name, lambda b: b["metadata"].__setitem__("counter", _counter(success, failure, pending)))
+            pending = max(total - counts["success"] - counts["failure"], 0)
+            self._update(name, lambda b: b["metadata"].__setitem__(
+                "counter", _counter(counts["success"], counts["failure"], pending)))
 
-        with open(spill, "wb") as out:
-            rows = list(self._selected(store, body, name)) if body.get("filterConfig") else None
-            if rows is None:
-                total = self.state.db().execute("SELECT COUNT(*) FROM instances WHERE store = ?",
-                                                (store,)).fetchone()[0]
-                source_rows = self._selected(store, body, name)
-            else:
-                total = len(rows)
-                source_rows = iter(rows)
+        def chunks():
+            """Chunks of (blob path, size, stored_at, resource); a filter path naming nothing is a failure."""
+            chunk = []
+            for r in selected:
+                if r is None:
+                    counts["failure"] += 1
+                    continue
+                chunk.append((str(self.state.blob_path(r["blob"])), r["size"], r["stored_at"],
+                              f"{store}/dicomWeb/studies/{r['study']}/series/{r['series']}/instances/{r['sop']}"))
+                if len(chunk) >= chunk_size:
+                    yield chunk
+                    chunk = []
+            if chunk:
+                yield chunk
+
+        schema: list = dicom_bq.JSON_SCHEMA(bool(source)) if as_json else []
+        parts: list[tuple[str, list, bool]] = []  # (spill file, chunk schema, conflict within the chunk)
+
+        def collect(spill_path: str, result: dict) -> None:
+            nonlocal schema
+            counts["success"] += result["success"]
+            counts["failure"] += len(result["failed"])
+            self.log_many(name, [("ERROR", res, 3, msg) for res, msg in result["failed"]] +
+                          [("WARNING", res, 3, msg) for res, msg in result["issues"]])
+            if not as_json:
+                schema = dicom_bq.union_schemas(schema, result["schema"])
+            parts.append((spill_path, result["schema"], result["conflict"]))
             progress()
-            for r in source_rows:
+
+        progress()
+        in_flight: list = []
+        try:
+            for i, chunk in enumerate(chunks()):
                 if ev.is_set():
                     raise Cancelled()
-                if r is None:
-                    failure += 1
+                if rate and ev.wait(1.0 / rate):
+                    raise Cancelled()
+                path = f"{spill}.{i}"
+                if pool is None:
+                    collect(path, mapper.map_chunk(chunk, path, as_json, source))
                     continue
-                if rate:
-                    if ev.wait(1.0 / rate):
-                        raise Cancelled()
-                resource = f"{store}/dicomWeb/studies/{r['study']}/series/{r['series']}/instances/{r['sop']}"
-                try:
-                    ds = dicom_bq.read_header(str(self.state.blob_path(r["blob"])))
-                    if as_json:
-                        from datetime import datetime
-                        row, _, issues = dicom_bq.json_row(
-                            ds, source_store=source, blob_size=r["size"],
-                            last_updated=datetime.fromisoformat(r["stored_at"].replace("Z", "+00:00")))
-                    else:
-                        row, row_schema, issues = dicom_bq.flattened_row(ds, source_store=source)
-                        if row_schema is not last_schema:
-                            schema = dicom_bq.union_schemas(schema, row_schema)
-                            last_schema = row_schema
-                except Exception as e:
-                    failure += 1
-                    self.log(name, "ERROR", resource, 3, f"instance could not be read: {type(e).__name__}")
-                    continue
-                for issue in issues:
-                    self.log(name, "WARNING", resource, 3, issue)
-                batch.append(row)
-                success += 1
-                if len(batch) >= BATCH:
-                    pickle.dump(batch, out, protocol=pickle.HIGHEST_PROTOCOL)
-                    batch = []
-                    progress()
-            if batch:
-                pickle.dump(batch, out, protocol=pickle.HIGHEST_PROTOCOL)
-                batch = []
-        progress()
+                in_flight.append((path, pool.submit(mapper.map_chunk, chunk, path, as_json, source)))
+                while len(in_flight) >= 2 * (os.cpu_count() or 2):  # bounded: memory does not grow with the store
+                    p, fut = in_flight.pop(0)
+                    collect(p, fut.result())
+            while in_flight:
+                if ev.is_set():
+                    raise Cancelled()
+                p, fut = in_flight.pop(0)
+                collect(p, fut.result())
+        finally:
+            for _, fut in in_flight:
+                fut.cancel()
+
         if not schema:  # nothing exported: keep the table's columns, or create it with the key columns
             schema = existing["schema"] if existing is not None else [
                 {"name": k, "type": "STRING", "mode": "NULLABLE"}
@@ -457,15 +495,12 @@ class Operations:
             schema = dicom_bq.union_schemas(existing["schema"], schema, prefer="left")
 
         def batches():
-            with open(spill, "rb") as f:
-                while True:
-                    try:
-                        rows = pickle.load(f)
-                    except EOFError:
-                        return
-                    if not as_json:
-                        rows = [dicom_bq.conform_row(r, schema) for r in rows]
-                    yield rows
+            for path, chunk_schema, conflict in parts:
+                rows = mapper.load_chunk(path)
+                if not as_json and (conflict or not mapper.fits(schema, chunk_schema)):
+                    rows = [dicom_bq.conform_row(r, schema) for r in rows]
+                yield rows
+                os.unlink(path)
 
         try:
             wh.write_table(project, dataset, table, schema, batches(), if_exists=if_exists, cancelled=ev.is_set)
@@ -474,7 +509,7 @@ class Operations:
                 raise Cancelled() from None
             raise ApiError(e.code if e.code in ("NOT_FOUND", "ALREADY_EXISTS", "INVALID_ARGUMENT",
                                                 "FAILED_PRECONDITION") else "INTERNAL", e.message) from None
-        return success, failure
+        return counts["success"], counts["failure"]
 
 
 def _counter(success: int, failure: int, pending: int) -> dict:

@@ -65,6 +65,7 @@ class Options:
     latency_s: float = 0.0
     max_running_operations: int = 0          # per project; 0 = no limit
     export_instances_per_s: float = 0.0      # slow-export mode; 0 = full speed
+    export_workers: int | None = None        # processes mapping instances; None = one per core, 0/1 = in-thread
     verbose: bool = False
 
 
