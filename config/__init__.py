@@ -1,0 +1,264 @@
+"""Settings: environment variables, all read and validated once, at start.
+
+A bad value raises SettingsError naming the variable, which stops the function at load time
+(the contract, §3). Nothing here imports a Google client: this module is on every cold start.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+# Resource-name pieces shared with the request validator (handlers/request.py).
+PROJECT_ID = r"[a-z][a-z0-9-]{4,28}[a-z0-9]"
+DOMAIN = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)+"
+PROJECT = rf"(?:{DOMAIN}:)?{PROJECT_ID}"
+LOCATION = r"[a-z][a-z0-9-]{0,62}"
+HC_ID = r"[A-Za-z0-9_.-]{1,256}"
+DICOM_STORE_RE = re.compile(
+    rf"^projects/({PROJECT})/locations/({LOCATION})/datasets/({HC_ID})/dicomStores/({HC_ID})$")
+TOPIC_ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9._~+%-]{2,254}$")
+
+
+def valid_store_name(name: str) -> bool:
+    m = DICOM_STORE_RE.match(name)
+    return bool(m) and not any(part in (".", "..") for part in m.groups()[2:])
+
+
+@dataclass(frozen=True)
+class Settings:
+    project: str | None
+    requests_topic: str = "dicom-export-requests"
+    events_topic: str = "dicom-export-events"
+    healthcare_endpoint: str = "https://healthcare.googleapis.com"
+    healthcare_version: str = "v1"
+    ledger_collection: str = "dicomExports"
+    allowed_dicom_stores: tuple[str, ...] = ()
+    allowed_bq_datasets: tuple[str, ...] = ()
+    default_dicom_store: str | None = None
+    max_operation_age_s: float = 86400.0
+    # Added by the intake function (README-intake.md, settings table):
+    max_request_bytes: int = 65536
+    max_request_age_s: float = 3600.0
+    healthcare_retry_budget_s: float = 30.0
+    healthcare_http_timeout_s: float = 30.0
+    intake_lease_s: float = 60.0
+    poll_initial_interval_s: float = 1.0
+    # Added by the poller (handlers/README-poller.md, settings table):
+    poll_concurrency: int = 16
+    poll_budget_s: float = 45.0
+    poll_lease_s: float = 60.0
+    poll_page_size: int = 200
+    poll_max_interval_s: float = 180.0
+    poll_call_timeout_s: float = 10.0
+    # Added by the ingest function (handlers/README-ingest.md, settings table):
+    ingest_routes: tuple[tuple[str, str], ...] = ()  # (store resource name, bq:// table URI), sorted
+    ingest_filter_bucket: str | None = None
+    ingest_batch_max_instances: int = 1000
+    ingest_batch_max_age_s: float = 60.0
+
+    @property
+    def healthcare_is_local(self) -> bool:
+        return is_loopback_url(self.healthcare_endpoint)
+
+
+def is_loopback_url(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _number(env, name: str, default: float, *, minimum: float, integer: bool = False):
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        kind = "an integer" if integer else "a number"
+        raise SettingsError(f"{name}={raw!r}: must be {kind}") from None
+    if value != value or value < minimum or value in (float("inf"),):
+        raise SettingsError(f"{name}={raw!r}: must be at least {minimum}")
+    return value
+
+
+def _patterns(env, name: str) -> tuple[str, ...]:
+    items = tuple(p.strip() for p in env.get(name, "").split(",") if p.strip())
+    for p in items:
+        if any(c.isspace() for c in p):
+            raise SettingsError(f"{name}: pattern {p!r} contains whitespace")
+    return items
+
+
+def _topic(env, name: str, default: str) -> str:
+    value = env.get(name, "").strip() or default
+    if not TOPIC_ID_RE.match(value) or value.lower().startswith("goog"):
+        raise SettingsError(f"{name}={value!r}: not a valid Pub/Sub topic ID")
+    return value
+
+
+def _poll_settings(env) -> dict:
+    """The poller's settings (poll_exports), checked against each other."""
+    def bounded(name, default, lo, hi, integer=False):
+        value = _number(env, name, default, minimum=lo, integer=integer)
+        if value > hi:
+            raise SettingsError(f"{name}={value}: must be at most {hi}")
+        return value
+
+    out = dict(
+        poll_concurrency=bounded("POLL_CONCURRENCY", 16, 1, 256, integer=True),
+        poll_budget_s=bounded("POLL_BUDGET_S", 45.0, 2, 3600),
+        poll_lease_s=bounded("POLL_LEASE_S", 60.0, 1, 3600),
+        poll_page_size=bounded("POLL_PAGE_SIZE", 200, 10, 500, integer=True),  # 500: one Firestore BatchWrite
+        poll_max_interval_s=bounded("POLL_MAX_INTERVAL_S", 180.0, 1, 86400),
+        poll_call_timeout_s=bounded("POLL_CALL_TIMEOUT_S", 10.0, 0.2, 300),
+    )
+    if out["poll_call_timeout_s"] * 2 > out["poll_budget_s"]:
+        raise SettingsError(f"POLL_CALL_TIMEOUT_S={out['poll_call_timeout_s']:g}: must be at most half of "
+                            f"POLL_BUDGET_S={out['poll_budget_s']:g}")
+    need = 3 * out["poll_call_timeout_s"]
+    if out["poll_lease_s"] < need:
+        raise SettingsError(f"POLL_LEASE_S={out['poll_lease_s']:g}: must be at least {need:g} (3 x "
+                            "POLL_CALL_TIMEOUT_S: operations.get, operations.cancel and a publish), so that a live "
+                            "run keeps its lease")
+    return out
+
+
+INGEST_MAX_BATCH_LIMIT = 2000  # a batch document holds its paths: 2000 x <= 220 bytes stays far below 1 MiB
+
+
+def _ingest_settings(env) -> dict:
+    """The ingest function's settings. Every route is checked with the intake's own validator, so a
+    batch request can never be rejected for its store, table, bucket or the allowlists."""
+    import json
+
+    raw_bucket = env.get("INGEST_FILTER_BUCKET", "").strip() or None
+    max_n = _number(env, "INGEST_BATCH_MAX_INSTANCES", 1000, minimum=1, integer=True)
+    if max_n > INGEST_MAX_BATCH_LIMIT:
+        raise SettingsError(f"INGEST_BATCH_MAX_INSTANCES={max_n}: must be at most {INGEST_MAX_BATCH_LIMIT} (a "
+                            "batch's paths are kept in one Firestore document, limited to 1 MiB)")
+    max_age = _number(env, "INGEST_BATCH_MAX_AGE_S", 60.0, minimum=1)
+    text = env.get("INGEST_ROUTES", "").strip() or "{}"
+
+    def pairs(items):
+        out = {}
+        for k, v in items:
+            if k in out:
+                raise SettingsError(f"INGEST_ROUTES: store {k!r} appears more than once")
+            out[k] = v
+        return out
+    try:
+        routes = json.loads(text, object_pairs_hook=pairs)
+    except json.JSONDecodeError as e:
+        raise SettingsError(f"INGEST_ROUTES: not JSON ({e}); expected {{\"STORE RESOURCE NAME\": "
+                            "\"bq://PROJECT.DATASET.TABLE\"}") from None
+    if not isinstance(routes, dict):
+        raise SettingsError("INGEST_ROUTES: must be a JSON object {\"STORE RESOURCE NAME\": "
+                            "\"bq://PROJECT.DATASET.TABLE\"}")
+    if raw_bucket is not None or routes:
+        from handlers import request as req  # pure (no I/O); imported only when ingest is configured
+
+        if raw_bucket is None:
+            raise SettingsError("INGEST_FILTER_BUCKET: required when INGEST_ROUTES names a store (batch filter "
+                                "files are written there)")
+        policy = req.Policy(allowed_stores=_patterns(env, "ALLOWED_DICOM_STORES"),
+                            allowed_datasets=_patterns(env, "ALLOWED_BQ_DATASETS"))
+        probe = req.parse(json.dumps({"requestId": "ingest-settings-check", "dicomStore": "projects/p-check/"
+                                      "locations/l/datasets/d/dicomStores/s", "bigqueryDestination": {
+                                          "tableUri": "bq://p-check.d.t"},
+                                      "filterConfig": {"resourcePathsGcsUri": f"gs://{raw_bucket}/ingest/x.txt"}
+                                      }).encode(), "m")
+        if not probe.ok and probe.rejection.field.startswith("filterConfig"):
+            raise SettingsError(f"INGEST_FILTER_BUCKET={raw_bucket!r}: {probe.rejection.message}")
+        for store, uri in routes.items():
+            if not isinstance(uri, str):
+                raise SettingsError(f"INGEST_ROUTES: the value for store {store!r} must be a string "
+                                    "\"bq://PROJECT.DATASET.TABLE\"")
+            body = {"requestId": "ingest-settings-check", "dicomStore": store,
+                    "bigqueryDestination": {"tableUri": uri, "writeDisposition": "WRITE_APPEND"},
+                    "filterConfig": {"resourcePathsGcsUri": f"gs://{raw_bucket}/ingest/x.txt"},
+                    "labels": {"ingest-batch": "0123456789abcdef-000001"}}
+            parsed = req.parse(json.dumps(body).encode(), "m", policy)
+            if not parsed.ok:
+                raise SettingsError(f"INGEST_ROUTES: route {store!r} -> {uri!r}: {parsed.rejection.message}")
+    return dict(ingest_routes=tuple(sorted(routes.items())), ingest_filter_bucket=raw_bucket,
+                ingest_batch_max_instances=max_n, ingest_batch_max_age_s=max_age)
+
+
+def load(env=None) -> Settings:
+    """Read and validate every setting; raise SettingsError naming the first bad variable."""
+    env = os.environ if env is None else env
+    project = (env.get("GOOGLE_CLOUD_PROJECT") or env.get("GCP_PROJECT") or "").strip() or None
+    if project is not None and not re.fullmatch(PROJECT, project):
+        raise SettingsError(f"GOOGLE_CLOUD_PROJECT={project!r}: not a valid project ID")
+
+    endpoint = (env.get("HEALTHCARE_API_ENDPOINT", "").strip() or "https://healthcare.googleapis.com").rstrip("/")
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise SettingsError(f"HEALTHCARE_API_ENDPOINT={endpoint!r}: must be an http(s) URL such as "
+                            "https://healthcare.googleapis.com")
+    if parts.scheme == "http" and not is_loopback_url(endpoint):
+        # A bearer token must never travel in clear text: plain http only for a local emulator.
+        raise SettingsError(f"HEALTHCARE_API_ENDPOINT={endpoint!r}: plain http is allowed only for a local "
+                            "emulator (localhost or a loopback address)")
+
+    version = env.get("HEALTHCARE_API_VERSION", "").strip() or "v1"
+    if version not in ("v1", "v1beta1"):
+        raise SettingsError(f"HEALTHCARE_API_VERSION={version!r}: must be v1 or v1beta1")
+
+    collection = env.get("LEDGER_COLLECTION", "").strip() or "dicomExports"
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,100}", collection) or re.fullmatch(r"__.*__", collection):
+        raise SettingsError(f"LEDGER_COLLECTION={collection!r}: must be 1-100 letters, digits, '_' or '-'")
+
+    default_store = env.get("DEFAULT_DICOM_STORE", "").strip() or None
+    if default_store is not None and not valid_store_name(default_store):
+        raise SettingsError(f"DEFAULT_DICOM_STORE={default_store!r}: must be a full resource name "
+                            "projects/P/locations/L/datasets/D/dicomStores/S")
+
+    budget = _number(env, "HEALTHCARE_RETRY_BUDGET_S", 30.0, minimum=0.5)
+    settings = Settings(
+        project=project,
+        requests_topic=_topic(env, "EXPORT_REQUESTS_TOPIC", "dicom-export-requests"),
+        events_topic=_topic(env, "EXPORT_EVENTS_TOPIC", "dicom-export-events"),
+        healthcare_endpoint=endpoint,
+        healthcare_version=version,
+        ledger_collection=collection,
+        allowed_dicom_stores=_patterns(env, "ALLOWED_DICOM_STORES"),
+        allowed_bq_datasets=_patterns(env, "ALLOWED_BQ_DATASETS"),
+        default_dicom_store=default_store,
+        max_operation_age_s=_number(env, "MAX_OPERATION_AGE_S", 86400.0, minimum=1),
+        max_request_bytes=_number(env, "MAX_REQUEST_BYTES", 65536, minimum=256, integer=True),
+        max_request_age_s=_number(env, "MAX_REQUEST_AGE_S", 3600.0, minimum=1),
+        healthcare_retry_budget_s=budget,
+        healthcare_http_timeout_s=_number(env, "HEALTHCARE_HTTP_TIMEOUT_S", 30.0, minimum=0.5),
+        intake_lease_s=_number(env, "INTAKE_LEASE_S", budget + 30.0, minimum=1),
+        poll_initial_interval_s=_number(env, "POLL_INITIAL_INTERVAL_S", 1.0, minimum=0.1),
+        **_poll_settings(env),
+        **_ingest_settings(env),
+    )
+    if settings.intake_lease_s <= budget:
+        raise SettingsError(f"INTAKE_LEASE_S={settings.intake_lease_s}: must be longer than "
+                            f"HEALTHCARE_RETRY_BUDGET_S={budget} (a live delivery must keep its lease)")
+    return settings
+
+
+_settings: Settings | None = None
+
+
+def get() -> Settings:
+    """The process's settings, loaded on first use (main.py loads them at import)."""
+    global _settings
+    if _settings is None:
+        _settings = load()
+    return _settings

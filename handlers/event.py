@@ -1,0 +1,62 @@
+"""Events (contract §2): data and attributes built from a ledger document. Pure.
+
+The intake and the poller both build events here, and record what they built in the ledger
+(`events.{TYPE}`) before publishing, so a re-publication after a crash is byte-for-byte the same.
+"""
+from __future__ import annotations
+
+REJECTED, STARTED = "EXPORT_REJECTED", "EXPORT_STARTED"
+SUCCEEDED, FAILED = "EXPORT_SUCCEEDED", "EXPORT_FAILED"
+CANCELLED, TIMED_OUT = "EXPORT_CANCELLED", "EXPORT_TIMED_OUT"
+TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED, TIMED_OUT})
+MAX_ATTRIBUTE_BYTES = 1024  # Pub/Sub's limit on an attribute value
+
+
+def event_id(request_id: str, event_type: str) -> str:
+    return f"{request_id}:{event_type}"
+
+
+def counter_ints(counter) -> dict | None:
+    """The API's int64-as-string counter as JSON integers (missing ones are 0)."""
+    if not isinstance(counter, dict):
+        return None
+    out = {}
+    for k in ("success", "failure", "pending"):
+        try:
+            out[k] = int(counter.get(k) or 0)
+        except (TypeError, ValueError):
+            out[k] = 0
+    return out
+
+
+def build(event_type: str, doc: dict) -> dict:
+    """{"eventId", "data", "attributes"} for `event_type` from the ledger document `doc`."""
+    request = doc.get("request") or {}
+    rid = doc["requestId"]
+    dest = request.get("bigqueryDestination") or ({"tableUri": doc["tableUri"]} if doc.get("tableUri") else None)
+    store = request.get("dicomStore") or doc.get("dicomStore")
+    table_uri = (dest or {}).get("tableUri") or doc.get("tableUri")
+    counter = counter_ints(doc.get("counter"))
+    eid = event_id(rid, event_type)
+    data = {
+        "eventId": eid,
+        "eventType": event_type,
+        "requestId": rid,
+        "dicomStore": store,
+        "bigqueryDestination": dest,
+        "filterConfig": request.get("filterConfig") if request else doc.get("filterConfig"),
+        "operation": doc.get("operation"),
+        "counter": counter,
+        "createTime": doc.get("createTime"),
+        "endTime": doc.get("endTime"),
+        "logsUrl": doc.get("logsUrl"),
+        "error": doc.get("error"),
+        "labels": request.get("labels") if request else (doc.get("labels") or {}),
+    }
+    attributes = {"eventType": event_type, "eventId": eid, "requestId": rid}
+    for name, value in (("dicomStore", store), ("tableUri", table_uri)):
+        if isinstance(value, str) and value and len(value.encode("utf-8")) <= MAX_ATTRIBUTE_BYTES:
+            attributes[name] = value
+    if event_type in TERMINAL:
+        attributes["failureCount"] = str((counter or {}).get("failure", 0))
+    return {"eventId": eid, "data": data, "attributes": attributes}

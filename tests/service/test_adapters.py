@@ -1,0 +1,99 @@
+"""The adapters the intake and the poller share, against the real emulators."""
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import pytest
+
+from handlers.adapters import ledger as L
+from handlers.adapters.events import Events
+from handlers.adapters.healthcare import ApiError, Healthcare, TransientError
+from tests.service.conftest import PROJECT
+from tests.support import procs
+from tests.support.hcapi import HC, unique
+
+
+@pytest.fixture
+def ledger(emulator_env):
+    return L.Ledger(unique("adapter-ledger"), PROJECT)
+
+
+def test_ledger_create_is_once_and_ids_are_escaped(ledger):
+    for rid in (".", "..", "__x__", "a.b:c_d-1"):
+        created, doc = ledger.create(rid, {"requestId": rid, "state": L.RECEIVED})
+        assert created and doc["requestId"] == rid
+        created, doc = ledger.create(rid, {"requestId": rid, "state": L.REJECTED})
+        assert not created and doc["state"] == L.RECEIVED and ledger.get(rid)["requestId"] == rid
+    assert L.doc_id("..") == "%2E%2E" and L.doc_id("__x__") == "%5F%5Fx%5F%5F" and L.doc_id("a.b") == "a.b"
+
+
+def test_ledger_due_pages_by_next_poll_and_claims_with_a_lease(ledger):
+    now = L.now()
+    for i in range(5):
+        ledger.create(f"r{i}", {"requestId": f"r{i}", "state": L.STARTED, "operation": f"ops/{i}",
+                                "nextPollAt": now - timedelta(seconds=10 - i)})
+    ledger.create("future", {"requestId": "future", "state": L.STARTED, "nextPollAt": now + timedelta(hours=1)})
+    ledger.create("done", {"requestId": "done", "state": L.SUCCEEDED, "nextPollAt": now - timedelta(hours=1)})
+    first = ledger.due(limit=3, at=now)
+    assert [d["requestId"] for d in first] == ["r0", "r1", "r2"]
+    rest = ledger.due(limit=3, at=now, after=first[-1]["nextPollAt"])
+    assert [d["requestId"] for d in rest] == ["r3", "r4"]
+
+    got = ledger.claim("r0", owner="poller-a", lease_s=30, updates={"pollInterval": 2.0})
+    assert got["leaseOwner"] == "poller-a" and got["pollInterval"] == 2.0 and got["leaseUntil"] > now
+    assert ledger.claim("r0", owner="poller-b", lease_s=30) is None  # held
+    assert ledger.claim("done", owner="poller-b", lease_s=30) is None  # not STARTED
+    assert ledger.claim("r0", owner="poller-b", lease_s=30, at=now + timedelta(seconds=60))  # expired
+    assert ledger.release("r0", owner="poller-a") is None  # no longer the owner
+    released = ledger.release("r0", owner="poller-b", updates={"state": L.SUCCEEDED})
+    assert released["state"] == L.SUCCEEDED and "leaseOwner" not in released and "leaseOwner" not in ledger.get("r0")
+    assert ledger.find_by_operation("ops/3")["requestId"] == "r3" and ledger.find_by_operation("ops/x") is None
+    assert [d["requestId"] for d in ledger.in_state(L.SUCCEEDED)] == sorted(["done", "r0"])
+
+
+def test_events_publish_waits_for_the_server(emulator_env, pubsub_clients):
+    publisher, subscriber = pubsub_clients
+    topic = unique("adapter-events")
+    publisher.create_topic(name=f"projects/{PROJECT}/topics/{topic}")
+    sub = f"projects/{PROJECT}/subscriptions/{topic}"
+    subscriber.create_subscription(name=sub, topic=f"projects/{PROJECT}/topics/{topic}")
+    message_id = Events(PROJECT, topic).publish({"b": 1, "a": "é"}, {"eventType": "EXPORT_STARTED"})
+    assert message_id
+    [m] = subscriber.pull(subscription=sub, max_messages=1, timeout=10).received_messages
+    assert json.loads(m.message.data) == {"a": "é", "b": 1} and m.message.attributes["eventType"] == "EXPORT_STARTED"
+
+
+def test_healthcare_operations_get_list_cancel_and_final_errors(hc):
+    api = HC(hc.url)
+    store = api.store()
+    dataset = store.split("/dicomStores/")[0]
+    client = Healthcare(hc.url, local=True, budget_s=10)
+    ops = [client.export(store, {"bigqueryDestination": {"tableUri": f"bq://{PROJECT}.d.t{i}"}}) for i in range(3)]
+    assert client.get_operation(ops[0]["name"])["name"] == ops[0]["name"]
+    names = [op["name"] for op in client.iter_operations(dataset, page_size=1)]
+    assert set(op["name"] for op in ops) <= set(names)
+    assert client.cancel_operation(ops[1]["name"]) == {}
+    with pytest.raises(ApiError) as e:
+        client.get_operation(f"{dataset}/operations/123")
+    assert e.value.http_status == 404 and e.value.rpc()["code"] == 5 and e.value.status == "NOT_FOUND"
+    with pytest.raises(ApiError) as e:
+        client.export(store, {"bigqueryDestination": {"tableUri": "bq://x"}, "unknownField": 1})
+    assert e.value.rpc()["code"] == 3
+
+
+def test_healthcare_retries_idempotent_calls_and_gives_up_at_the_deadline(hc, logs_dir, tmp_path):
+    flaky = procs.healthcare_emulator(logs_dir, tmp_path / "flaky", "--fault", "operations.get=0.3",
+                                      name=f"healthcare-emulator-{unique('flaky')}").start()
+    try:
+        store = HC(flaky.url).store()
+        client = Healthcare(flaky.url, local=True, budget_s=20)
+        op = client.export(store, {"bigqueryDestination": {"tableUri": f"bq://{PROJECT}.d.t"}})
+        for _ in range(5):
+            assert client.get_operation(op["name"])["name"] == op["name"]
+    finally:
+        flaky.stop()
+    dead = Healthcare(f"http://127.0.0.1:{procs.free_port()}", local=True, budget_s=0.8)
+    with pytest.raises(TransientError) as e:
+        dead.export(store, {"bigqueryDestination": {"tableUri": f"bq://{PROJECT}.d.t"}})
+    assert not e.value.ambiguous and e.value.attempts >= 2  # refused connections: nothing was sent
