@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--fault", action="append", default=(env("HC_EMULATOR_FAULTS") or "").split(",") if
                    env("HC_EMULATOR_FAULTS") else [], metavar="METHOD=RATE",
                    help="answer METHOD (export, operations.get, operations.list, operations.cancel) with 429/503 "
-                        "at RATE (0..1); repeatable")
+                        "at RATE (0..1), or export.started with 500 after starting the export; repeatable")
     s.add_argument("--latency", type=float, default=float(env("HC_EMULATOR_LATENCY_S", "0")),
                    help="seconds added to every export/operations call")
     s.add_argument("--max-running-operations", type=int, default=int(env("HC_EMULATOR_MAX_RUNNING_OPERATIONS", "0")),

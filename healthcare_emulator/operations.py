@@ -268,6 +268,10 @@ class Operations:
             self._insert(name, dataset, op, {"kind": "export", "store": store, "body": body})
         self.state.count(store, "export")
         self._submit(name)
+        rate = self.app.options.fault_rates.get("export.started", 0.0)
+        if rate and random.random() < rate:  # the export runs, but the caller cannot know it
+            raise ApiError("INTERNAL", "Internal error encountered (injected by the emulator after the export "
+                                       "started).")
         return json_response(op)
 
     # -- the export itself ------------------------------------------------------------------------

@@ -166,3 +166,24 @@ def test_latency_slow_mode_concurrency_limit_cancel_and_request_counts(limited, 
     assert api.wait(r.json()["name"])["error"]["code"] == 1
     counts = requests.get(f"{limited.url}/emulator/requestCounts").json()
     assert counts[second] == {"export.calls": 2, "export": 1}
+
+
+def test_export_started_fault_answers_500_after_the_export_began(logs_dir, tmp_path):
+    """The ambiguous failure: the caller sees 500, yet the operation exists and runs to its end."""
+    from tests.support import procs
+    from tests.support.hcapi import HC
+    svc = procs.healthcare_emulator(logs_dir, tmp_path, "--fault", "export.started=1", name="hc-started").start()
+    try:
+        api = HC(svc.url)
+        store = api.store()
+        r = api.export(store, {"bigqueryDestination": {"tableUri": "bq://proj-1.missing.t"}})
+        assert r.status_code == 500 and r.json()["error"]["status"] == "INTERNAL"
+        dataset = store.split("/dicomStores/")[0]
+        ops = [o for o in api.get(f"{dataset}/operations").json()["operations"]
+               if o["metadata"]["apiMethodName"].endswith("ExportDicomData_bq")]
+        assert len(ops) == 1
+        assert api.wait(ops[0]["name"])["done"] is True
+        counts = api.http.get(f"{svc.url}/emulator/requestCounts").json()
+        assert counts[store] == {"export": 1, "export.calls": 1}
+    finally:
+        svc.stop()
