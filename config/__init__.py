@@ -60,6 +60,7 @@ class Settings:
     poll_call_timeout_s: float = 10.0
     # Added by the ingest function (handlers/README-ingest.md, settings table):
     ingest_routes: tuple[tuple[str, str], ...] = ()  # (store resource name, bq:// table URI), sorted
+    ingest_route_options: tuple[tuple[str, str], ...] = ()  # (store, JSON of extra bigqueryDestination fields)
     ingest_filter_bucket: str | None = None
     ingest_batch_max_instances: int = 1000
     ingest_batch_max_age_s: float = 60.0
@@ -135,6 +136,7 @@ def _poll_settings(env) -> dict:
     return out
 
 
+INGEST_DESTINATION_OPTIONS = ("schemaJson", "schemaFlattened", "includeSourceStore")
 INGEST_MAX_BATCH_LIMIT = 2000  # a batch document holds its paths: 2000 x <= 220 bytes stays far below 1 MiB
 
 
@@ -181,19 +183,36 @@ def _ingest_settings(env) -> dict:
                                       }).encode(), "m")
         if not probe.ok and probe.rejection.field.startswith("filterConfig"):
             raise SettingsError(f"INGEST_FILTER_BUCKET={raw_bucket!r}: {probe.rejection.message}")
-        for store, uri in routes.items():
-            if not isinstance(uri, str):
-                raise SettingsError(f"INGEST_ROUTES: the value for store {store!r} must be a string "
-                                    "\"bq://PROJECT.DATASET.TABLE\"")
-            body = {"requestId": "ingest-settings-check", "dicomStore": store,
-                    "bigqueryDestination": {"tableUri": uri, "writeDisposition": "WRITE_APPEND"},
-                    "filterConfig": {"resourcePathsGcsUri": f"gs://{raw_bucket}/ingest/x.txt"},
-                    "labels": {"ingest-batch": "0123456789abcdef-000001"}}
-            parsed = req.parse(json.dumps(body).encode(), "m", policy)
-            if not parsed.ok:
-                raise SettingsError(f"INGEST_ROUTES: route {store!r} -> {uri!r}: {parsed.rejection.message}")
-    return dict(ingest_routes=tuple(sorted(routes.items())), ingest_filter_bucket=raw_bucket,
-                ingest_batch_max_instances=max_n, ingest_batch_max_age_s=max_age)
+    tables, options = {}, {}
+    for store, value in routes.items():
+        # "bq://P.D.T", or {"tableUri": "bq://P.D.T", "schemaJson": {}} (also schemaFlattened,
+        # includeSourceStore): the extra fields are passed to every batch's bigqueryDestination.
+        if isinstance(value, dict):
+            extra = {k: v for k, v in value.items() if k != "tableUri"}
+            unknown = sorted(set(extra) - set(INGEST_DESTINATION_OPTIONS))
+            if unknown or not isinstance(value.get("tableUri"), str):
+                raise SettingsError(f"INGEST_ROUTES: the route of store {store!r} must be \"bq://PROJECT.DATASET."
+                                    "TABLE\" or an object with tableUri and optionally "
+                                    f"{', '.join(INGEST_DESTINATION_OPTIONS)}"
+                                    + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+            uri = value["tableUri"]
+            if extra:
+                options[store] = json.dumps(extra, sort_keys=True, separators=(",", ":"))
+        elif isinstance(value, str):
+            uri, extra = value, {}
+        else:
+            raise SettingsError(f"INGEST_ROUTES: the route of store {store!r} must be a string "
+                                "\"bq://PROJECT.DATASET.TABLE\" or an object with tableUri")
+        body = {"requestId": "ingest-settings-check", "dicomStore": store,
+                "bigqueryDestination": {"tableUri": uri, **extra, "writeDisposition": "WRITE_APPEND"},
+                "filterConfig": {"resourcePathsGcsUri": f"gs://{raw_bucket}/ingest/x.txt"},
+                "labels": {"ingest-batch": "0123456789abcdef-000001"}}
+        parsed = req.parse(json.dumps(body).encode(), "m", policy)
+        if not parsed.ok:
+            raise SettingsError(f"INGEST_ROUTES: route {store!r} -> {uri!r}: {parsed.rejection.message}")
+        tables[store] = uri
+    return dict(ingest_routes=tuple(sorted(tables.items())), ingest_route_options=tuple(sorted(options.items())),
+                ingest_filter_bucket=raw_bucket, ingest_batch_max_instances=max_n, ingest_batch_max_age_s=max_age)
 
 
 def load(env=None) -> Settings:
