@@ -1,0 +1,465 @@
+"""ingest_notification: DICOM store notifications -> batched WRITE_APPEND export requests.
+
+One notification = one instance stored (or deleted) in a DICOM store. For a store named in
+INGEST_ROUTES the function records the instance as an *arrival* (one Firestore document, created
+once: a redelivery adds nothing) and acknowledges. Arrivals of a route (store -> table) are closed into
+a *batch* when INGEST_BATCH_MAX_INSTANCES of them are pending, or when the oldest has waited
+INGEST_BATCH_MAX_AGE_S and the table is idle. A batch is exported by publishing an ordinary export
+request (contract §1) that the intake and the poller carry out; at most one batch per destination
+table is being exported at any time (the table document is the lock), the next one waits.
+
+Closing a batch, each step recorded before the next (README-ingest.md, "Crash safety"):
+  1. open: the batch document (CLOSING: its arrivals, paths, requestId, filter object name, all
+     fixed here) and the route's `closing` marker, in one atomic write conditioned on the route as read;
+  2. the arrivals are marked BATCHED (idempotent);
+  3. the filter file is written, create-only, named after its content (idempotent);
+  4. the batch becomes READY and the route's marker is cleared (one atomic write).
+Exporting a batch:
+  5. claim the table (batch READY -> PUBLISHING, table.running = batch) in one atomic write;
+  6. publish the request (deterministic bytes; requestId = "ingest-" + batch id), then PUBLISHED;
+  7. when the request's ledger document is terminal: release the table and record the outcome.
+Whoever finds a batch part-way (the next notification of the route, or the poller's tick through
+`close_aged_batches`) finishes it; every step can be redone, and the intake de-duplicates requests
+on requestId, so a crash anywhere loses no arrival and exports no batch twice.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import re
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+import config
+from handlers.adapters import ingest_ledger as IL
+from handlers.adapters import logs
+
+NOTIFICATION_RE = re.compile(
+    r"^(projects/[^/\s]+/locations/[^/\s]+/datasets/[^/\s]+/dicomStores/[^/\s]+)"
+    r"/dicomWeb/studies/([^/\s]{1,128})/series/([^/\s]{1,128})/instances/([^/\s]{1,128})$")
+STORE_ACTIONS = frozenset({"StoreInstances", "ImportDicomData"})
+DEDUP_RETENTION = timedelta(days=10)   # arrivals are kept (for de-duplication) beyond Pub/Sub's 7 days
+BATCH_RETENTION = timedelta(days=30)   # finished batch documents, for operators
+REPUBLISH_AFTER = timedelta(seconds=120)  # published, but the intake has not recorded it: publish again
+MAX_CLOSES_PER_CALL = 20               # bound on the work one notification or tick does per route
+
+
+@dataclass(frozen=True)
+class Route:
+    store: str
+    table_uri: str
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(f"{self.store}\n{self.table_uri}".encode()).hexdigest()[:16]
+
+    @property
+    def table_key(self) -> str:
+        return table_key(self.table_uri)
+
+    def fields(self) -> dict:
+        return {"route": self.key, "store": self.store, "tableUri": self.table_uri, "tableKey": self.table_key}
+
+
+def table_key(table_uri: str) -> str:
+    return hashlib.sha256(table_uri.encode()).hexdigest()[:16]
+
+
+def request_id_of(batch_id: str) -> str:
+    return f"ingest-{batch_id}"
+
+
+def arrival_id(resource: str, kind: str, version: str) -> str:
+    """The document id of a notification: the same instance version notified twice has one id."""
+    return hashlib.sha256(f"{kind}\n{resource}\n{version}".encode()).hexdigest()[:40]
+
+
+# -- clients: created once per instance, on first use ---------------------------------------------------
+_deps = None
+_deps_lock = threading.Lock()
+
+
+def dependencies():
+    """(ingest ledger, request ledger, filter files, requests publisher) for this instance."""
+    global _deps
+    if _deps is None:
+        with _deps_lock:
+            if _deps is None:
+                from handlers.adapters.events import Events
+                from handlers.adapters.gcs import FilterFiles
+                from handlers.adapters.ledger import Ledger
+                s = config.get()
+                project = s.project or _default_project()
+                ledger = Ledger(s.ledger_collection, project)
+                _deps = (IL.IngestLedger(s.ledger_collection, project, client=ledger.client()), ledger,
+                         FilterFiles(s.ingest_filter_bucket or "", project), Events(project, s.requests_topic))
+    return _deps
+
+
+def _default_project() -> str:
+    import google.auth
+    _, project = google.auth.default()
+    if not project:
+        raise config.SettingsError("GOOGLE_CLOUD_PROJECT is not set and the runtime does not tell the project")
+    return project
+
+
+# -- entry points --------------------------------------------------------------------------------------------
+def handle(cloud_event) -> None:
+    """One store notification. Returns (ack) once the arrival is recorded; raises (redelivery) if not."""
+    s = config.get()
+    data = cloud_event.data if isinstance(cloud_event.data, dict) else {}
+    message = data.get("message") if isinstance(data.get("message"), dict) else {}
+    message_id = str(message.get("messageId") or cloud_event["id"])
+    attributes = message.get("attributes") if isinstance(message.get("attributes"), dict) else {}
+    published = _parse_time(message.get("publishTime") or cloud_event.get("time"))
+    with logs.context(messageId=message_id):
+        Ingest(s, *dependencies()).notification(_text(message.get("data")), attributes, message_id, published)
+
+
+def close_aged_batches(settings=None, *, time_up=None) -> dict:
+    """The poller's tick: finish interrupted closes, close full and aged batches, release tables whose
+    export ended and start the next batch. Does nothing (no Firestore call) when INGEST_ROUTES is empty.
+    `time_up()` true: start no more work (the rest waits for the next tick)."""
+    s = settings or config.get()
+    if not s.ingest_routes:
+        return {}
+    return Ingest(s, *dependencies()).tick(time_up=time_up)
+
+
+def _text(data) -> str | None:
+    if not isinstance(data, str):
+        return None
+    try:
+        return base64.b64decode(data, validate=True).decode("utf-8")
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        return None
+
+
+def _parse_time(value) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    head, _, frac = value.rstrip("Z").partition(".")
+    try:
+        t = datetime.fromisoformat(head + ("." + frac[:6] if frac else ""))
+    except ValueError:
+        return None
+    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+
+
+# in-process throttles of the notification path (the tick always checks everything)
+_table_checked: dict[str, float] = {}
+_table_lock = threading.Lock()
+_fill: dict[str, list] = {}
+_fill_lock = threading.Lock()
+_closing: dict[str, threading.Lock] = {}  # one closer per route per instance; the others go on
+
+
+class Ingest:
+    def __init__(self, settings, ledger: IL.IngestLedger, requests_ledger, files, requests):
+        self.s = settings
+        self.ledger = ledger
+        self.requests_ledger = requests_ledger
+        self.files = files
+        self.requests = requests
+        self.routes = dict(settings.ingest_routes)
+        self.options = {k: json.loads(v) for k, v in settings.ingest_route_options}
+        self.max_n = settings.ingest_batch_max_instances
+        self.max_age = timedelta(seconds=settings.ingest_batch_max_age_s)
+
+    # -- one notification ------------------------------------------------------------------------------
+    def notification(self, text: str | None, attributes: dict, message_id: str,
+                     published: datetime | None) -> str:
+        """Record it; return the outcome (also logged as `ingestOutcome`)."""
+        m = NOTIFICATION_RE.match(text or "")
+        if not m:
+            logs.error("notification ignored: its data is not a DICOM instance resource name "
+                       "(projects/.../dicomStores/S/dicomWeb/studies/X/series/Y/instances/Z)",
+                       ingestOutcome="malformed", dataPrefix=(text or "")[:200] if text is not None else None)
+            return "malformed"
+        store, study, series, sop = m.groups()
+        path = f"/studies/{study}/series/{series}/instances/{sop}"
+        action = str(attributes.get("action") or "")
+        table = self.routes.get(store)
+        if table is None:
+            logs.warning("notification ignored: INGEST_ROUTES names no destination for this store",
+                         ingestOutcome="unrouted", dicomStore=store, action=action or None)
+            return "unrouted"
+        route = Route(store, table)
+        kind = ("arrival" if not action or action in STORE_ACTIONS
+                else "deletion" if action.startswith("Delete") else "other")
+        version = str(attributes.get("versionId") or "")
+        if kind != "arrival" and not version:
+            version = f"message:{message_id}"
+        t = IL.now()
+        arrived = published if published is not None and published <= t else t
+        doc = {"route": route.key, "store": store, "tableUri": table, "path": path, "kind": kind,
+               "state": {"arrival": IL.PENDING, "deletion": IL.DELETION}.get(kind, IL.OTHER),
+               "action": action or None, "versionId": attributes.get("versionId"), "messageId": message_id,
+               "arrivedAt": arrived, "recordedAt": t, "batchId": None}
+        if kind != "arrival":
+            doc["expireAt"] = t + DEDUP_RETENTION
+        self._ensure_route(route)
+        created = self.ledger.record(arrival_id(text, kind, version), doc)
+        fields = dict(dicomStore=store, path=path, action=action or None, tableUri=table)
+        if not created:
+            logs.info("duplicate notification: already recorded", ingestOutcome="duplicate", **fields)
+            outcome = "duplicate"
+        elif kind == "arrival":
+            logs.info("instance recorded for the next batch", ingestOutcome="recorded", **fields)
+            outcome = "recorded"
+        elif kind == "deletion":
+            logs.warning("deletion notified: not exported (an export cannot delete rows; query the latest row "
+                         "per SOPInstanceUID)", ingestOutcome="deletion", **fields)
+            return "deletion"
+        else:
+            logs.info("notification ignored: not an instance being stored", ingestOutcome="ignored", **fields)
+            return "ignored"
+        # The arrival is safe: from here on, problems are retried by the next notification or the tick.
+        try:
+            self.advance_route(route, check_table=self._table_due(route.table_key), route_doc={},
+                               count=self._count_due(route.key))
+        except Exception as e:  # noqa: BLE001 - acknowledged anyway; nothing is lost
+            logs.warning("could not advance the route's batches now; the next notification or the poller's "
+                         "tick will", problem=f"{type(e).__name__}: {e}", route=route.key)
+        return outcome
+
+    _known_routes: set = set()
+
+    def _ensure_route(self, route: Route) -> None:
+        if route.key not in Ingest._known_routes:
+            self.ledger.ensure_route(route.key, route.fields())
+            Ingest._known_routes.add(route.key)
+
+    def _count_due(self, rk: str) -> bool:
+        """Whether to count the route's pending arrivals now. Counting after every notification costs an
+        aggregation query each; instead each instance counts when its own arrivals since its last count
+        reach a tenth of the room left in the batch (every arrival once it is nearly full), and at least
+        once a second. Several instances may overshoot the limit a little: the batch still holds at
+        most INGEST_BATCH_MAX_INSTANCES and the rest closes right after it."""
+        now = time.monotonic()
+        with _fill_lock:
+            st = _fill.setdefault(rk, [0, 0, 0.0])  # last count, own arrivals since, when
+            st[1] += 1
+            return st[1] >= max(1, (self.max_n - st[0]) // 10) or now - st[2] >= 1.0
+
+    def _counted(self, rk: str, n: int) -> None:
+        with _fill_lock:
+            _fill[rk] = [n, 0, time.monotonic()]
+
+    def _table_due(self, tk: str) -> bool:
+        """At most a few table checks per second per instance on the notification path."""
+        interval = min(1.0, self.s.ingest_batch_max_age_s / 4)
+        now = time.monotonic()
+        with _table_lock:
+            if _table_checked.get(tk, 0.0) > now:
+                return False
+            _table_checked[tk] = now + interval
+            return True
+
+    # -- the scheduled tick ----------------------------------------------------------------------------
+    def tick(self, time_up=None) -> dict:
+        time_up = time_up or (lambda: False)
+        summary = {"closed": 0, "started": 0, "released": 0, "busy": 0, "errors": 0}
+        routes = self.ledger.routes()
+        for r in routes:
+            if time_up():
+                return summary
+            try:
+                summary["closed"] += self.advance_route(Route(r["store"], r["tableUri"]), check_table=False,
+                                                        route_doc=r)
+            except Exception as e:  # noqa: BLE001 - one route's problem must not stop the others
+                summary["errors"] += 1
+                logs.warning("ingest: could not close the route's batches; next tick retries",
+                             problem=f"{type(e).__name__}: {e}", route=r.get("route"))
+        for tk in sorted({r["tableKey"] for r in routes}):
+            if time_up():
+                return summary
+            try:
+                result = self.advance_table(tk)
+            except Exception as e:  # noqa: BLE001 - one table's problem must not stop the others
+                summary["errors"] += 1
+                logs.warning("ingest: could not advance the table's batches; next tick retries",
+                             problem=f"{type(e).__name__}: {e}", tableKey=tk)
+                continue
+            for k in ("started", "released", "busy"):
+                summary[k] += result.get(k, 0)
+        if any(summary.values()):
+            logs.info("ingest tick", **summary)
+        return summary
+
+    # -- routes: close batches ----------------------------------------------------------------------------
+    def advance_route(self, route: Route, *, check_table: bool = True, route_doc: dict | None = None,
+                      count: bool = True) -> int:
+        """Finish an interrupted close, close every full batch, then (optionally) look at the table.
+        `route_doc` as read by the caller ({}: not read, an interrupted close is found by close())."""
+        closed = 0
+        r = route_doc if route_doc is not None else self.ledger.route(route.key)
+        if r and r.get("closing"):
+            self.finish_close(r["closing"])
+        lock = _closing.setdefault(route.key, threading.Lock())
+        if count and lock.acquire(blocking=False):  # another thread of this instance is closing: it will
+            try:
+                for _ in range(MAX_CLOSES_PER_CALL):
+                    n = self.ledger.count(route.key, IL.PENDING, up_to=self.max_n)
+                    self._counted(route.key, n)
+                    if n < self.max_n or self.close(route, "size") is None:
+                        break
+                    closed += 1
+            finally:
+                lock.release()
+        if check_table or closed:
+            self.advance_table(route.table_key)
+        return closed
+
+    def close(self, route: Route, reason: str) -> str | None:
+        """Close one batch of the route's oldest pending arrivals ('size': only a full one; 'age': only
+        if the oldest has waited long enough). Returns its id, or None if there was nothing to close."""
+        for _ in range(5):
+            r = self.ledger.route(route.key)
+            if r is None:
+                self.ledger.ensure_route(route.key, route.fields())
+                continue
+            if r.get("closing"):
+                self.finish_close(r["closing"])
+                continue
+            items = self.ledger.pending(route.key, self.max_n)
+            if not items or (reason == "size" and len(items) < self.max_n):
+                return None
+            if reason == "age" and IL.now() - items[0]["arrivedAt"] < self.max_age:
+                return None
+            seq = int(r.get("seq") or 0)
+            batch_id = f"{route.key}-{seq + 1:06d}"
+            paths = sorted({i["path"] for i in items})
+            text = "".join(p + "\n" for p in paths)
+            name = f"ingest/{route.table_key}/{batch_id}-{hashlib.sha256(text.encode()).hexdigest()[:12]}.txt"
+            t = IL.now()
+            destination = {"tableUri": route.table_uri, **self.options.get(route.store, {}),
+                           "writeDisposition": "WRITE_APPEND"}
+            batch = {**route.fields(), "batchId": batch_id, "requestId": request_id_of(batch_id), "seq": seq + 1,
+                     "destination": destination,
+                     "state": IL.CLOSING, "reason": reason, "arrivalIds": [i["id"] for i in items],
+                     "paths": paths, "instances": len(paths), "filterObject": name,
+                     "filterUri": self.files.uri(name), "oldestArrivalAt": items[0]["arrivedAt"],
+                     "newestArrivalAt": items[-1]["arrivedAt"], "closedAt": t, "updatedAt": t}
+            if self.ledger.open_batch(route.key, seq, batch_id, batch):
+                logs.info("ingest batch closed", ingestBatch=batch_id, reason=reason, instances=len(paths),
+                          arrivals=len(items), dicomStore=route.store, tableUri=route.table_uri,
+                          waitedS=round((t - items[0]["arrivedAt"]).total_seconds(), 3))
+                self.finish_close(batch_id)
+                return batch_id
+        return None
+
+    def finish_close(self, batch_id: str) -> None:
+        """Steps 2-4 of closing; idempotent, so whoever finds a batch CLOSING may run it."""
+        b = self.ledger.batch(batch_id)
+        if b is None:
+            return
+        if b["state"] == IL.CLOSING:
+            self.ledger.mark_batched(b["arrivalIds"], batch_id, expire_at=IL.now() + DEDUP_RETENTION)
+            text = "".join(p + "\n" for p in b["paths"])
+            self.files.write_once(b["filterObject"], text)
+        if self.ledger.finish_close(b["route"], batch_id, {"state": IL.READY, "readyAt": IL.now()}):
+            logs.info("ingest batch ready", ingestBatch=batch_id, filterUri=b["filterUri"])
+
+    # -- tables: one running export each ---------------------------------------------------------------------
+    def advance_table(self, tk: str) -> dict:
+        """Release the table if its export ended, then start the next batch: a READY one, or (the table
+        idle) the route whose oldest pending arrival has waited INGEST_BATCH_MAX_AGE_S."""
+        out = {"started": 0, "released": 0, "busy": 0}
+        t = self.ledger.table(tk) or {}
+        running = t.get("running")
+        if running:
+            b = self.ledger.batch(running["batchId"])
+            if b is None or not self.settle(b):
+                out["busy"] = 1
+                return out
+            out["released"] = 1
+        for _ in range(2):
+            ready = self.ledger.ready(tk, 1)
+            if ready:
+                if self.start(ready[0]):
+                    out["started"] = 1
+                    return out
+                continue  # someone else claimed it, or the table was taken meanwhile
+            break
+        if (self.ledger.table(tk) or {}).get("running"):
+            return out
+        due = []
+        for r in self.ledger.routes(tk):
+            oldest = self.ledger.oldest_pending(r["route"])
+            if oldest is not None and IL.now() - oldest >= self.max_age:
+                due.append((oldest, r))
+        for _, r in sorted(due, key=lambda x: x[0]):
+            batch_id = self.close(Route(r["store"], r["tableUri"]), "age")
+            if batch_id is not None:
+                b = self.ledger.batch(batch_id)
+                if b and b["state"] == IL.READY and self.start(b):
+                    out["started"] = 1
+                return out
+        return out
+
+    def start(self, b: dict) -> bool:
+        if not self.ledger.claim_table(b["tableKey"], b["tableUri"], b["batchId"], b["requestId"]):
+            return False
+        self.publish({**b, "state": IL.PUBLISHING})
+        return True
+
+    def request_of(self, b: dict) -> dict:
+        return {"requestId": b["requestId"], "dicomStore": b["store"],
+                "bigqueryDestination": b.get("destination") or {"tableUri": b["tableUri"],
+                                                                "writeDisposition": "WRITE_APPEND"},
+                "filterConfig": {"resourcePathsGcsUri": b["filterUri"]},
+                "labels": {"ingest-batch": b["batchId"]}}
+
+    def publish(self, b: dict) -> None:
+        """Publish the batch's export request (same bytes every time), then record PUBLISHED."""
+        message_id = self.requests.publish(self.request_of(b), {"source": "ingest", "ingestBatch": b["batchId"]})
+        self.ledger.update_batch_if(b["batchId"], (IL.PUBLISHING, IL.PUBLISHED),
+                                    {"state": IL.PUBLISHED, "publishedAt": IL.now(), "messageId": message_id})
+        logs.info("ingest batch export requested", ingestBatch=b["batchId"], requestId=b["requestId"],
+                  instances=b.get("instances"), tableUri=b["tableUri"], republished=b["state"] == IL.PUBLISHED)
+
+    def settle(self, b: dict) -> bool:
+        """For the table's running batch: finish publishing it, and release the table once the request's
+        ledger document is terminal. True when the table was released."""
+        from handlers.adapters.ledger import TERMINAL
+
+        if b["state"] == IL.PUBLISHING:
+            self.publish(b)
+            return False
+        if b["state"] in IL.BATCH_FINAL:  # recorded, but the table was not released: release it now
+            return self.ledger.release_table(b["tableKey"], b["batchId"], {})
+        req = self.requests_ledger.get(b["requestId"])
+        if req is None:
+            if b.get("publishedAt") and IL.now() - b["publishedAt"] > REPUBLISH_AFTER:
+                logs.warning("the batch's export request was published but the intake has not recorded it; "
+                             "publishing it again (same requestId)", ingestBatch=b["batchId"])
+                self.publish(b)
+            return False
+        if req.get("state") not in TERMINAL:
+            return False
+        ok = req["state"] == "SUCCEEDED"
+        counter = req.get("counter") or {}
+        updates = {"state": IL.EXPORTED if ok else IL.FAILED, "requestState": req["state"],
+                   "operation": req.get("operation"), "counter": counter, "error": req.get("error"),
+                   "doneAt": IL.now(), "expireAt": IL.now() + BATCH_RETENTION}
+        if not self.ledger.release_table(b["tableKey"], b["batchId"], updates):
+            return False
+        failures = int(counter.get("failure") or 0) if isinstance(counter, dict) else 0
+        fields = dict(ingestBatch=b["batchId"], requestId=b["requestId"], instances=b.get("instances"),
+                      requestState=req["state"], counter=counter, tableUri=b["tableUri"], filterUri=b["filterUri"])
+        if not ok:
+            logs.error("ingest batch NOT exported: its export request ended " + req["state"] + "; its instances are "
+                       "not in the table. Re-drive it by publishing the same request with a new requestId "
+                       "(README-ingest.md, 'A failed batch')", error=req.get("error"), **fields)
+        elif failures:
+            logs.warning("ingest batch exported with failures (e.g. instances deleted before the export)",
+                         **fields)
+        else:
+            logs.info("ingest batch exported", **fields)
+        return True
