@@ -132,8 +132,8 @@ def run(root: Path) -> int:
             print(f"  {store}\n  BigQuery dataset {local.PROJECT}.{BQ_DATASET}")
         with step("store pydicom's bundled DICOM test corpus through STOW-RS"):
             stored, failed = stow_corpus(hc, store)
-            print(f"  stored {stored} instances ({failed} parts refused: duplicate UIDs with other content, "
-                  "or not storable)")
+            print(f"  {stored} parts stored (identical copies count once), {failed} refused (a SOP Instance UID "
+                  "already stored with other content, or not storable)")
         events = Events(stack)
         stamp = time.strftime("%Y%m%dT%H%M%S")
         with step("export the whole store: request -> intake -> Healthcare export -> poller -> event"):
@@ -154,8 +154,11 @@ def run(root: Path) -> int:
 FROM `{TABLE}`
 WHERE PatientID = '{patient}';"""
             print(sql1)
-            for row in bq.query_and_wait(sql1):
-                print(f"  {row['DICOMwebPath']}")
+            paths = [row["DICOMwebPath"] for row in bq.query_and_wait(sql1)]
+            for path in paths[:5]:
+                print(f"  {path}")
+            if len(paths) > 5:
+                print(f"  ... {len(paths)} rows in all")
             sql2 = f"""SELECT MIN(CONCAT(StudyDate, ' ', StudyTime)) as StudyDateTime, MIN(PatientID) as PatientID,
        StudyInstanceUID, COUNT(*) as InstanceCount
 FROM `{TABLE}` AS dicom
