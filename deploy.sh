@@ -116,6 +116,9 @@ ensure() {
 }
 
 G=(gcloud --project="$PROJECT" --quiet)
+ENV_FILE=$(mktemp)
+LIFECYCLE=$(mktemp)
+trap 'rm -f "$ENV_FILE" "$LIFECYCLE"' EXIT
 
 echo "== APIs"
 run "${G[@]}" services enable healthcare.googleapis.com pubsub.googleapis.com firestore.googleapis.com \
@@ -144,6 +147,24 @@ ensure "gcloud --project=$PROJECT firestore databases describe --database=(defau
 ensure "gcloud --project=$PROJECT firestore indexes composite list --format=value(name) --filter=queryScope:COLLECTION AND fields.fieldPath:nextPollAt | grep -q ." \
   "${G[@]}" firestore indexes composite create --collection-group="$LEDGER" \
   --field-config=field-path=state,order=ascending --field-config=field-path=nextPollAt,order=ascending
+
+if [ -n "$INGEST_TOPIC" ]; then
+  # ingest_notification's collections: two queries, two large unqueried arrays, and TTL on finished documents
+  ensure "gcloud --project=$PROJECT firestore indexes composite list --format=value(name) --filter=fields.fieldPath:arrivedAt | grep -q ." \
+    "${G[@]}" firestore indexes composite create --collection-group="${LEDGER}-ingestArrivals" \
+    --field-config=field-path=route,order=ascending --field-config=field-path=state,order=ascending \
+    --field-config=field-path=arrivedAt,order=ascending
+  ensure "gcloud --project=$PROJECT firestore indexes composite list --format=value(name) --filter=fields.fieldPath:readyAt | grep -q ." \
+    "${G[@]}" firestore indexes composite create --collection-group="${LEDGER}-ingestBatches" \
+    --field-config=field-path=tableKey,order=ascending --field-config=field-path=state,order=ascending \
+    --field-config=field-path=readyAt,order=ascending
+  for f in paths arrivalIds; do
+    run "${G[@]}" firestore indexes fields update "$f" --collection-group="${LEDGER}-ingestBatches" --disable-indexes
+  done
+  for c in ingestArrivals ingestBatches; do
+    run "${G[@]}" firestore fields ttls update expireAt --collection-group="${LEDGER}-$c" --enable-ttl
+  done
+fi
 
 echo "== Runtime service account (least privilege)"
 ensure "gcloud --project=$PROJECT iam service-accounts describe $SA" \
@@ -185,13 +206,14 @@ if [ -n "$FILTER_BUCKET" ]; then
     --role=roles/storage.objectViewer
   run "${G[@]}" storage buckets add-iam-policy-binding "gs://$FILTER_BUCKET" --member="serviceAccount:$SA" \
     --role=roles/storage.objectCreator
+  # batch filter files are only needed while their export runs: delete them after 30 days
+  echo '{"rule": [{"action": {"type": "Delete"}, "condition": {"age": 30}}]}' >"$LIFECYCLE"
+  run "${G[@]}" storage buckets update "gs://$FILTER_BUCKET" --lifecycle-file="$LIFECYCLE"
 fi
 # Pub/Sub's own agent moves undeliverable messages to the dead-letter topic.
 run "${G[@]}" pubsub topics add-iam-policy-binding "$DLQ_TOPIC" --member="serviceAccount:$PUBSUB_AGENT" --role=roles/pubsub.publisher
 
 echo "== Functions (gen2, python312)"
-ENV_FILE=$(mktemp)
-trap 'rm -f "$ENV_FILE"' EXIT
 yaml() {  # KEY VALUE: one double-quoted YAML line
   local v=${2//\\/\\\\}
   v=${v//\"/\\\"}

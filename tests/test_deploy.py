@@ -63,6 +63,11 @@ def test_dry_run_plans_everything_and_runs_nothing():
     status = next(c for c in deploys if "deploy export_status " in c)
     assert "--trigger-http" in status and "--no-allow-unauthenticated" in status
     assert "scheduler jobs create pubsub dicom-export-poll" in text
+    # ingest: its indexes, TTLs and the filter files' lifecycle
+    assert "--collection-group=dicomExports-ingestArrivals" in text and "field-path=arrivedAt" in text
+    assert "--collection-group=dicomExports-ingestBatches" in text and "field-path=readyAt" in text
+    assert "ttls update expireAt --collection-group=dicomExports-ingestArrivals --enable-ttl" in text
+    assert any("buckets update gs://my-filters --lifecycle-file=" in c for c in cmds)
     assert "pubsub topics publish dicom-export-requests" in text  # how to send a first request
 
 
