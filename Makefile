@@ -31,7 +31,15 @@ down:
 
 ## benchmarks: each prints its figure and its ratio to a baseline measured in the same run
 bench: $(STAMP)
+	$(PY) bench/cold_start.py
+	$(PY) bench/intake_throughput.py
+	$(PY) bench/poller.py
+	$(PY) bench/ingest.py
 	$(PY) bench/emulator_export.py --instances $${BENCH_INSTANCES:-20000}
+
+## the reliability suite at full size; exits non-zero when a figure is not met (make test runs it small)
+reliability: $(STAMP)
+	RELIABILITY_SCALE=full $(PY) -m pytest tests/reliability -q -rA
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
