@@ -46,7 +46,7 @@ def export_request(cloud_event):
 @functions_framework.cloud_event
 def ingest_notification(cloud_event):
     """Pub/Sub messagePublished on a DICOM store's notification topic: record the stored instance for the
-    next batched WRITE_APPEND export of its route (INGEST_ROUTES; handlers/README-ingest.md). Returning
+    next batched WRITE_APPEND export of its route (INGEST_ROUTES; README.md, "Ingest"). Returning
     acknowledges (the arrival is recorded); raising makes Pub/Sub redeliver the notification."""
     from handlers import ingest
 

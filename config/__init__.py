@@ -44,21 +44,21 @@ class Settings:
     allowed_bq_datasets: tuple[str, ...] = ()
     default_dicom_store: str | None = None
     max_operation_age_s: float = 86400.0
-    # Added by the intake function (README-intake.md, settings table):
+    # Added by the intake function (README.md, settings table):
     max_request_bytes: int = 65536
     max_request_age_s: float = 3600.0
     healthcare_retry_budget_s: float = 30.0
     healthcare_http_timeout_s: float = 30.0
     intake_lease_s: float = 60.0
     poll_initial_interval_s: float = 1.0
-    # Added by the poller (handlers/README-poller.md, settings table):
+    # Added by the poller (README.md, settings table):
     poll_concurrency: int = 16
     poll_budget_s: float = 45.0
     poll_lease_s: float = 60.0
     poll_page_size: int = 200
     poll_max_interval_s: float = 180.0
     poll_call_timeout_s: float = 10.0
-    # Added by the ingest function (handlers/README-ingest.md, settings table):
+    # Added by the ingest function (README.md, "Ingest", settings table):
     ingest_routes: tuple[tuple[str, str], ...] = ()  # (store resource name, bq:// table URI), sorted
     ingest_route_options: tuple[tuple[str, str], ...] = ()  # (store, JSON of extra bigqueryDestination fields)
     ingest_filter_bucket: str | None = None

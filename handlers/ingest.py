@@ -8,7 +8,7 @@ INGEST_BATCH_MAX_AGE_S and the table is idle. A batch is exported by publishing 
 request (contract §1) that the intake and the poller carry out; at most one batch per destination
 table is being exported at any time (the table document is the lock), the next one waits.
 
-Closing a batch, each step recorded before the next (README-ingest.md, "Crash safety"):
+Closing a batch, each step recorded before the next (README.md, "Crash safety" under "Ingest"):
   1. open: the batch document (CLOSING: its arrivals, paths, requestId, filter object name, all
      fixed here) and the route's `closing` marker, in one atomic write conditioned on the route as read;
   2. the arrivals are marked BATCHED (idempotent);
@@ -456,7 +456,7 @@ class Ingest:
         if not ok:
             logs.error("ingest batch NOT exported: its export request ended " + req["state"] + "; its instances are "
                        "not in the table. Re-drive it by publishing the same request with a new requestId "
-                       "(README-ingest.md, 'A failed batch')", error=req.get("error"), **fields)
+                       "(README.md, 'A failed batch')", error=req.get("error"), **fields)
         elif failures:
             logs.warning("ingest batch exported with failures (e.g. instances deleted before the export)",
                          **fields)

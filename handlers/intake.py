@@ -1,6 +1,6 @@
 """export_request: turn one export request (a Pub/Sub message) into one running export.
 
-Steps, each recorded in the ledger before the next (README-intake.md explains every crash window):
+Steps, each recorded in the ledger before the next (README.md, "Reliability", explains every crash window):
   1. validate (handlers/request.py); create the ledger document in a transaction: RECEIVED, or
      REJECTED with its event recorded as unpublished. A document that already exists makes this
      delivery a duplicate, and it only resumes what the ledger says is unfinished.

@@ -1,4 +1,4 @@
-"""poll_exports: follow every STARTED export to its end (handlers/README-poller.md).
+"""poll_exports: follow every STARTED export to its end (README.md, "The poller").
 
 Cloud Scheduler publishes a tick on the poll topic; each tick is one run of TICK_TASKS:
 

@@ -1,4 +1,4 @@
-"""export_status: `GET ?requestId=ID` -> the request's ledger record as JSON (handlers/README-poller.md).
+"""export_status: `GET ?requestId=ID` -> the request's ledger record as JSON (README.md, "The poller").
 
 200 with the record; 400 when requestId is missing, repeated or malformed (the contract's pattern);
 404 when no request has that id; 405 for other methods; 503 when the ledger cannot be read. Errors use

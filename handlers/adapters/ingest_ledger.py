@@ -14,7 +14,7 @@ Multi-document changes are optimistic: read, decide, then one atomic batched wri
 document's update time (`_cas`). No Firestore transaction is used: an abandoned transaction (a process
 killed inside one) keeps its locks until they expire, which would stall every other instance.
 
-The fields of each are described in handlers/README-ingest.md. google-cloud-firestore is imported
+The fields of each are described in README.md, "Ingest". google-cloud-firestore is imported
 on first use; FIRESTORE_EMULATOR_HOST is honoured by the client itself. Timestamps are aware UTC.
 """
 from __future__ import annotations
