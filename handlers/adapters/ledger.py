@@ -5,7 +5,7 @@ deliveries of one request serialise on it. Timestamps are timezone-aware UTC dat
 google-cloud-firestore is imported and its client created on first use, once per instance;
 FIRESTORE_EMULATOR_HOST is honoured by the client itself.
 
-The document's fields are described in handlers/README-intake.md ("Ledger document").
+The document's fields are described in README.md ("The ledger document").
 """
 from __future__ import annotations
 
