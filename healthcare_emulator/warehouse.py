@@ -74,8 +74,8 @@ except ImportError:  # pragma: no cover
 __all__ = ["Warehouse", "WarehouseError", "to_jsonable", "cli_bq_mk", "cli_query"]
 
 # Row groups are flushed at whichever limit comes first; files roll over at FILE_MAX_ROWS.
-ROW_GROUP_ROWS = 65_536
-ROW_GROUP_BYTES = 32 * 1024 * 1024
+ROW_GROUP_ROWS = 16_384
+ROW_GROUP_BYTES = 8 * 1024 * 1024  # bounds the memory a write holds, whatever the table's size
 FILE_MAX_ROWS = 1_000_000
 REWRITE_BATCH_ROWS = 65_536
 MAX_NESTING = 15
