@@ -78,7 +78,8 @@ def main() -> None:
         deadline = t0 + args.timeout
         while hello.log_path.read_text(errors="replace").count("hello ") < n:
             if time.monotonic() > deadline:
-                raise SystemExit("hello did not receive every message in time")
+                got = hello.log_path.read_text(errors="replace").count("hello ")
+                raise SystemExit(f"hello received {got} of {n} messages in {args.timeout:.0f} s; log tail:\n{hello.log_tail(1500)}")
             time.sleep(0.02)  # polling a log file for a condition, with a deadline
         hello_rate = n / (time.monotonic() - t0)
 
