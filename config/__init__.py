@@ -281,3 +281,14 @@ def get() -> Settings:
     if _settings is None:
         _settings = load()
     return _settings
+
+
+def project_id(settings: Settings) -> str:
+    """GOOGLE_CLOUD_PROJECT, or else the project of Application Default Credentials (asked on first use)."""
+    if settings.project:
+        return settings.project
+    import google.auth
+    _, project = google.auth.default()
+    if not project:
+        raise SettingsError("GOOGLE_CLOUD_PROJECT is not set and the runtime does not tell the project")
+    return project

@@ -93,19 +93,11 @@ def dependencies():
                 from handlers.adapters.gcs import FilterFiles
                 from handlers.adapters.ledger import Ledger
                 s = config.get()
-                project = s.project or _default_project()
+                project = config.project_id(s)
                 ledger = Ledger(s.ledger_collection, project)
                 _deps = (IL.IngestLedger(s.ledger_collection, project, client=ledger.client()), ledger,
                          FilterFiles(s.ingest_filter_bucket or "", project), Events(project, s.requests_topic))
     return _deps
-
-
-def _default_project() -> str:
-    import google.auth
-    _, project = google.auth.default()
-    if not project:
-        raise config.SettingsError("GOOGLE_CLOUD_PROJECT is not set and the runtime does not tell the project")
-    return project
 
 
 # -- entry points --------------------------------------------------------------------------------------------

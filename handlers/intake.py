@@ -53,20 +53,12 @@ def dependencies():
                 from handlers.adapters.events import Events
                 from handlers.adapters.healthcare import Healthcare
                 s = config.get()
-                project = s.project or _default_project()
+                project = config.project_id(s)
                 _deps = (L.Ledger(s.ledger_collection, project),
                          Healthcare(s.healthcare_endpoint, s.healthcare_version, local=s.healthcare_is_local,
                                     timeout_s=s.healthcare_http_timeout_s, budget_s=s.healthcare_retry_budget_s),
                          Events(project, s.events_topic))
     return _deps
-
-
-def _default_project() -> str:
-    import google.auth
-    _, project = google.auth.default()
-    if not project:
-        raise config.SettingsError("GOOGLE_CLOUD_PROJECT is not set and the runtime does not tell the project")
-    return project
 
 
 # -- entry --------------------------------------------------------------------------------------------------

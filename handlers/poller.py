@@ -71,19 +71,11 @@ def clients(s) -> tuple:
     from handlers.adapters.events import Events
     from handlers.adapters.healthcare import Healthcare
 
-    project = s.project or _adc_project()
+    project = config.project_id(s)
     return (L.Ledger(s.ledger_collection, project),
             Healthcare(s.healthcare_endpoint, s.healthcare_version, local=s.healthcare_is_local,
                        timeout_s=s.poll_call_timeout_s, budget_s=s.poll_call_timeout_s, pool_size=s.poll_concurrency),
             Events(project, s.events_topic, timeout_s=s.poll_call_timeout_s))
-
-
-def _adc_project() -> str:
-    import google.auth
-    _, project = google.auth.default()
-    if not project:
-        raise config.SettingsError("GOOGLE_CLOUD_PROJECT is not set and the runtime does not tell the project")
-    return project
 
 
 # -- entry --------------------------------------------------------------------------------------------------
