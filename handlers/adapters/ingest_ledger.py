@@ -19,7 +19,6 @@ on first use; FIRESTORE_EMULATOR_HOST is honoured by the client itself. Timestam
 """
 from __future__ import annotations
 
-import threading
 from datetime import datetime, timezone
 
 # arrival states
@@ -40,14 +39,11 @@ class IngestLedger:
         self.prefix = ledger_collection
         self.project = project
         self._client = client
-        self._lock = threading.Lock()
 
     def client(self):
         if self._client is None:
-            with self._lock:
-                if self._client is None:
-                    from google.cloud import firestore
-                    self._client = firestore.Client(project=self.project)
+            from .ledger import firestore_client
+            self._client = firestore_client(self.project)
         return self._client
 
     def _col(self, kind: str):

@@ -69,19 +69,31 @@ def _deepcopy(v):
     return v
 
 
+_clients: dict = {}
+_clients_lock = threading.Lock()
+
+
+def firestore_client(project: str | None):
+    """One Firestore client per project and process, made on first use (the import is the cold start's cost)."""
+    client = _clients.get(project)
+    if client is None:
+        with _clients_lock:
+            client = _clients.get(project)
+            if client is None:
+                from google.cloud import firestore
+                client = _clients[project] = firestore.Client(project=project)
+    return client
+
+
 class Ledger:
     def __init__(self, collection: str, project: str | None = None, *, client=None):
         self.collection = collection
         self.project = project
         self._client = client
-        self._lock = threading.Lock()
 
     def client(self):
         if self._client is None:
-            with self._lock:
-                if self._client is None:
-                    from google.cloud import firestore
-                    self._client = firestore.Client(project=self.project)
+            self._client = firestore_client(self.project)
         return self._client
 
     def ref(self, request_id: str):
