@@ -5,6 +5,8 @@ The intake and the poller both build events here, and record what they built in 
 """
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 REJECTED, STARTED = "EXPORT_REJECTED", "EXPORT_STARTED"
 SUCCEEDED, FAILED = "EXPORT_SUCCEEDED", "EXPORT_FAILED"
 CANCELLED, TIMED_OUT = "EXPORT_CANCELLED", "EXPORT_TIMED_OUT"
@@ -60,3 +62,26 @@ def build(event_type: str, doc: dict) -> dict:
     if event_type in TERMINAL:
         attributes["failureCount"] = str((counter or {}).get("failure", 0))
     return {"eventId": eid, "data": data, "attributes": attributes}
+
+
+def parse_time(value) -> datetime | None:
+    """An RFC 3339 string (Z or an offset, up to nanoseconds) as an aware UTC datetime; None if unreadable."""
+    if isinstance(value, datetime):
+        t = value
+    elif isinstance(value, str) and value:
+        try:
+            t = datetime.fromisoformat(value)  # Python >= 3.11: Z, offsets, fractions beyond 6 digits
+        except ValueError:
+            return None
+    else:
+        return None
+    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+
+
+def received(cloud_event) -> tuple[dict, str, datetime | None]:
+    """The Pub/Sub message inside a messagePublished CloudEvent: (message, its id, its publish time)."""
+    data = cloud_event.data if isinstance(cloud_event.data, dict) else {}
+    message = data.get("message") if isinstance(data.get("message"), dict) else {}
+    message_id = str(message.get("messageId") or cloud_event["id"])
+    return message, message_id, parse_time(message.get("publishTime") or cloud_event.get("time"))
+

@@ -32,10 +32,11 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 import config
 from handlers.adapters import ingest_ledger as IL
+from handlers.event import received
 from handlers.adapters import logs
 
 NOTIFICATION_RE = re.compile(
@@ -104,11 +105,8 @@ def dependencies():
 def handle(cloud_event) -> None:
     """One store notification. Returns (ack) once the arrival is recorded; raises (redelivery) if not."""
     s = config.get()
-    data = cloud_event.data if isinstance(cloud_event.data, dict) else {}
-    message = data.get("message") if isinstance(data.get("message"), dict) else {}
-    message_id = str(message.get("messageId") or cloud_event["id"])
+    message, message_id, published = received(cloud_event)
     attributes = message.get("attributes") if isinstance(message.get("attributes"), dict) else {}
-    published = _parse_time(message.get("publishTime") or cloud_event.get("time"))
     with logs.context(messageId=message_id):
         Ingest(s, *dependencies()).notification(_text(message.get("data")), attributes, message_id, published)
 
@@ -130,17 +128,6 @@ def _text(data) -> str | None:
         return base64.b64decode(data, validate=True).decode("utf-8")
     except (binascii.Error, ValueError, UnicodeDecodeError):
         return None
-
-
-def _parse_time(value) -> datetime | None:
-    if not isinstance(value, str):
-        return None
-    head, _, frac = value.rstrip("Z").partition(".")
-    try:
-        t = datetime.fromisoformat(head + ("." + frac[:6] if frac else ""))
-    except ValueError:
-        return None
-    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
 
 
 # in-process throttles of the notification path (the tick always checks everything)

@@ -64,10 +64,8 @@ def dependencies():
 # -- entry --------------------------------------------------------------------------------------------------
 def handle(cloud_event) -> None:
     s = config.get()
-    data = cloud_event.data if isinstance(cloud_event.data, dict) else {}
-    message = data.get("message") if isinstance(data.get("message"), dict) else {}
-    message_id = str(message.get("messageId") or cloud_event["id"])
-    published = _parse_time(message.get("publishTime") or cloud_event.get("time")) or L.now()
+    message, message_id, published = ev.received(cloud_event)
+    published = published or L.now()
     raw = _message_bytes(message)
     parsed = req.parse(raw, message_id, req.Policy.from_settings(s))
     trace, span = logs.trace_from(cloud_event, s.project)
@@ -83,21 +81,6 @@ def _message_bytes(message: dict) -> bytes | None:
         return base64.b64decode(data, validate=True) if isinstance(data, str) else None
     except (binascii.Error, ValueError):
         return None
-
-
-def _parse_time(value) -> datetime | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        t = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        # RFC 3339 with more than 6 fractional digits (Pub/Sub sends nanoseconds)
-        head, _, frac = value.rstrip("Z").partition(".")
-        try:
-            t = datetime.fromisoformat(head + ("." + frac[:6] if frac else "") + "+00:00")
-        except ValueError:
-            return None
-    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
 
 
 def _rfc3339(t: datetime) -> str:
@@ -309,7 +292,7 @@ class Intake:
         candidates = []
         for op in self.hc.iter_operations(dataset, version=version, deadline=self.deadline):
             meta = op.get("metadata") or {}
-            created = _parse_time(meta.get("createTime"))
+            created = ev.parse_time(meta.get("createTime"))
             if "ExportDicomData" in str(meta.get("apiMethodName", "")) and created is not None and created >= since:
                 candidates.append(op)
         recent = L.now() - timedelta(seconds=2 * self.s.max_request_age_s)  # older ones give up on their own

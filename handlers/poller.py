@@ -30,7 +30,7 @@ import traceback
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Callable
 
 import config
@@ -277,7 +277,7 @@ def _next_poll(tick: Tick, doc: dict, t: datetime, *, backoff: bool) -> dict:
 def _age_s(doc: dict, op: dict | None, t: datetime) -> float:
     """How long the export has been running: from the operation's createTime (the API's clock), else from
     what the ledger knows."""
-    created = _parse_time(((op or {}).get("metadata") or {}).get("createTime")) or _parse_time(doc.get("createTime"))
+    created = ev.parse_time(((op or {}).get("metadata") or {}).get("createTime")) or ev.parse_time(doc.get("createTime"))
     created = created or doc.get("firstAttemptAt") or doc.get("receivedAt")
     return (t - created).total_seconds() if isinstance(created, datetime) else 0.0
 
@@ -443,18 +443,6 @@ class _WriteBack:
         lost = sum(1 for v in result.values() if v is None)
         if lost:
             self.tick.count("writeBackLost", lost)
-
-
-def _parse_time(value) -> datetime | None:
-    if isinstance(value, datetime):
-        return value
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        t = datetime.fromisoformat(value)  # RFC 3339 with Z and up to nanoseconds (Python >= 3.11)
-    except ValueError:
-        return None
-    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
 
 
 def close_aged_ingest_batches(tick: Tick) -> None:
