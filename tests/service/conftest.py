@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.support import procs
+from tests.support import fnlogs, procs
 from tests.support.hcapi import HC, unique
 
 PROJECT = "test-project"
@@ -145,22 +145,10 @@ class Function:
         return self._ledger
 
     def log_text(self) -> str:
-        out = []
-        for i in range(1, self.runs + 1):
-            p = Path(self.logs_dir) / f"fn-{self.name}-{i}.log"
-            if p.exists():
-                out.append(p.read_text(errors="replace"))
-        return "".join(out)
+        return fnlogs.text(self.logs_dir, self.name, self.runs)
 
     def log_entries(self) -> list[dict]:
-        entries = []
-        for line in self.log_text().splitlines():
-            if line.startswith("{"):
-                try:
-                    entries.append(json.loads(line))
-                except ValueError:
-                    pass
-        return entries
+        return fnlogs.entries(self.log_text())
 
 
 @pytest.fixture

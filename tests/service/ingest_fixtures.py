@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.service.conftest import FF, PROJECT
-from tests.support import procs
+from tests.support import fnlogs, procs
 from tests.support.hcapi import unique
 
 
@@ -152,22 +152,10 @@ class Fn:
             self.svc.stop()
 
     def log_text(self) -> str:
-        out = []
-        for i in range(1, self.runs + 1):
-            p = Path(self.logs_dir) / f"fn-{self.name}-{i}.log"
-            if p.exists():
-                out.append(p.read_text(errors="replace"))
-        return "".join(out)
+        return fnlogs.text(self.logs_dir, self.name, self.runs)
 
     def log_entries(self) -> list[dict]:
-        entries = []
-        for line in self.log_text().splitlines():
-            if line.startswith("{"):
-                try:
-                    entries.append(json.loads(line))
-                except ValueError:
-                    pass
-        return entries
+        return fnlogs.entries(self.log_text())
 
 
 def bq_mk(data_dir, dataset: str) -> None:
