@@ -106,22 +106,19 @@ def run(args, hc_url: str) -> dict:
                             "LEDGER_COLLECTION": collection, "EXPORT_EVENTS_TOPIC": "bench-events", **env})
 
     def seed(ledger, n):
-        client, now, docs = ledger.client(), L.now(), []
+        now, docs = L.now(), []
         for i in range(n):
             docs.append({"requestId": f"r{i:05d}", "state": L.STARTED, "operation": ops[i % len(ops)],
                          "apiVersion": "v1", "createTime": None, "receivedAt": now, "nextPollAt": now,
                          "pollInterval": 1.0, "tableUri": f"bq://{PROJECT}.bench.t{i}", "dicomStore": store,
                          "request": None, "labels": {}, "events": {}})
         with ThreadPoolExecutor(8) as ex:
-            list(ex.map(lambda chunk: _commit(client, ledger, chunk), [docs[i:i + 500] for i in range(0, n, 500)]))
+            list(ex.map(ledger.put_many, [docs[i:i + 500] for i in range(0, n, 500)]))
 
     def make_due(ledger, n):
-        client, now = ledger.client(), L.now()
+        fs, now = ledger.client(), L.now()
         for i in range(0, n, 500):
-            batch = client.batch()
-            for j in range(i, min(n, i + 500)):
-                batch.update(ledger.ref(f"r{j:05d}"), {"nextPollAt": now})
-            batch.commit()
+            fs.commit([fs.update(ledger.collection, f"r{j:05d}", {"nextPollAt": now}) for j in range(i, min(n, i + 500))])
 
     out = {"requests": args.requests, "latencyS": args.latency, "operationsCreated": n_ops,
            "operationsCreateS": round(created_s, 2)}
@@ -165,12 +162,6 @@ def run(args, hc_url: str) -> dict:
                         "budgetS": s.poll_budget_s, "run": summary}
     return out
 
-
-def _commit(client, ledger, docs) -> None:
-    batch = client.batch()
-    for d in docs:
-        batch.set(ledger.ref(d["requestId"]), d)
-    batch.commit()
 
 
 def pubsub_topic(project: str, topic: str) -> None:

@@ -64,6 +64,14 @@ class Settings:
     ingest_filter_bucket: str | None = None
     ingest_batch_max_instances: int = 1000
     ingest_batch_max_age_s: float = 60.0
+    # Where the Google APIs are (handlers/adapters/google_http.py): emulators when set, else Google's endpoints.
+    firestore_database: str = "(default)"
+    firestore_emulator_host: str | None = None
+    pubsub_emulator_host: str | None = None
+    storage_emulator_host: str | None = None
+    credentials_file: str | None = None  # GOOGLE_APPLICATION_CREDENTIALS
+    on_google_cloud: bool = False  # K_SERVICE is set: Cloud Functions gen2 / Cloud Run
+    metadata_host: str = "metadata.google.internal"
 
     @property
     def healthcare_is_local(self) -> bool:
@@ -215,6 +223,31 @@ def _ingest_settings(env) -> dict:
                 ingest_filter_bucket=raw_bucket, ingest_batch_max_instances=max_n, ingest_batch_max_age_s=max_age)
 
 
+def _host_port(env, name: str) -> str | None:
+    value = env.get(name, "").strip() or None
+    if value is not None:
+        value = value.removeprefix("http://").rstrip("/")
+        if not re.fullmatch(r"[A-Za-z0-9.\-]+:\d{1,5}|\[[0-9A-Fa-f:]+\]:\d{1,5}", value):
+            raise SettingsError(f"{name}={value!r}: must be HOST:PORT")
+    return value
+
+
+def _endpoint_settings(env) -> dict:
+    database = env.get("FIRESTORE_DATABASE", "").strip() or "(default)"
+    if database != "(default)" and not re.fullmatch(r"[a-z][a-z0-9-]{2,62}", database):
+        raise SettingsError(f"FIRESTORE_DATABASE={database!r}: must be (default) or a database ID "
+                            "(4-63 lowercase letters, digits or '-', starting with a letter)")
+    metadata = env.get("GCE_METADATA_HOST", "").strip() or "metadata.google.internal"
+    if not re.fullmatch(r"[A-Za-z0-9.\-]+(:\d{1,5})?", metadata):
+        raise SettingsError(f"GCE_METADATA_HOST={metadata!r}: must be HOST or HOST:PORT")
+    return dict(firestore_database=database,
+                firestore_emulator_host=_host_port(env, "FIRESTORE_EMULATOR_HOST"),
+                pubsub_emulator_host=_host_port(env, "PUBSUB_EMULATOR_HOST"),
+                storage_emulator_host=_host_port(env, "STORAGE_EMULATOR_HOST"),
+                credentials_file=env.get("GOOGLE_APPLICATION_CREDENTIALS", "").strip() or None,
+                on_google_cloud=bool(env.get("K_SERVICE", "").strip()), metadata_host=metadata)
+
+
 def load(env=None) -> Settings:
     """Read and validate every setting; raise SettingsError naming the first bad variable."""
     env = os.environ if env is None else env
@@ -265,6 +298,7 @@ def load(env=None) -> Settings:
         poll_initial_interval_s=_number(env, "POLL_INITIAL_INTERVAL_S", 1.0, minimum=0.1),
         **_poll_settings(env),
         **_ingest_settings(env),
+        **_endpoint_settings(env),
     )
     if settings.intake_lease_s <= budget:
         raise SettingsError(f"INTAKE_LEASE_S={settings.intake_lease_s}: must be longer than "

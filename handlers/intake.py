@@ -1,16 +1,19 @@
 """export_request: turn one export request (a Pub/Sub message) into one running export.
 
 Steps, each recorded in the ledger before the next (README.md, "Reliability", explains every crash window):
-  1. validate (handlers/request.py); create the ledger document in a transaction: RECEIVED, or
-     REJECTED with its event recorded as unpublished. A document that already exists makes this
-     delivery a duplicate, and it only resumes what the ledger says is unfinished.
-  2. STARTING: the export call may now have been made (first/last attempt times recorded).
-  3. call the Healthcare API export; if the process died in step 2-3, the next delivery looks the
-     operation up with operations.list instead of exporting twice.
-  4. STARTED with the operation (or FAILED with the API's error), the event recorded unpublished.
-  5. publish the event, then record it as published.
-Every step runs under the document's lease (leaseUntil/leaseOwner), so two deliveries of one
-request never work on it at once: the later one is redelivered by Pub/Sub.
+  1. validate (handlers/request.py); create the ledger document (one create-only write): STARTING
+     under this delivery's lease, or REJECTED with its event recorded as unpublished. A document that
+     already exists makes this delivery a duplicate, and it only resumes what the ledger says is
+     unfinished.
+  2. call the Healthcare API export. STARTING means the call may have been made: if the process died
+     before step 3, the next delivery looks the operation up with operations.list instead of
+     exporting twice.
+  3. publish EXPORT_STARTED, then record the operation, the publication and the lease's release in one
+     write (or FAILED with the API's error and its event, then publish it and record that).
+Every write is conditioned on the version this delivery last read or wrote, and made only under its
+lease (leaseUntil/leaseOwner), so two deliveries of one request never work on it at once: the later
+one is redelivered by Pub/Sub. A fresh valid request costs two Firestore writes, one export call and
+one publish.
 """
 from __future__ import annotations
 
@@ -102,7 +105,7 @@ class Intake:
         rid = parsed.request_id
         doc = new_document(parsed, raw, message_id, published_at=self.published_at, owner=self.owner,
                            lease_s=self.s.intake_lease_s)
-        created, stored = self.ledger.create(rid, doc)
+        created, item = self.ledger.create(rid, doc)
         if created:
             if parsed.ok:
                 logs.info("export request received", dicomStore=doc["dicomStore"], tableUri=doc["tableUri"])
@@ -110,6 +113,7 @@ class Intake:
                 r = parsed.rejection
                 logs.error(f"export request rejected: {r.message}", field=r.field, rule=r.rule)
         else:
+            stored = item.doc
             same = stored.get("payloadSha256") == doc["payloadSha256"]
             if not same and stored.get("messageId") != message_id:
                 logs.warning("requestId already recorded for a different message; this message is ignored "
@@ -117,25 +121,28 @@ class Intake:
                              state=stored.get("state"))
             else:
                 logs.info("duplicate delivery of a recorded request", state=stored.get("state"))
-        self.advance(stored)
+        self.advance(item, fresh=created)
 
     # -- the state machine -----------------------------------------------------------------------------
-    def advance(self, doc: dict) -> None:
+    def advance(self, item: L.Versioned, *, fresh: bool = False) -> None:
+        """`fresh`: this delivery has just created the document (so holds its lease, and no export call
+        can have been made for it yet)."""
+        doc = item.doc
         if doc.get("operation"):
             logs.bind(operation=doc["operation"], logsUrl=doc.get("logsUrl"))
         if doc["state"] not in (L.RECEIVED, L.STARTING) and not self.pending(doc):
             return  # everything this function owns is done; the poller takes it from here
-        doc = self.acquire(doc)
+        item = self.acquire(item)
         try:
-            if doc["state"] in (L.RECEIVED, L.STARTING):
-                doc = self.start(doc)
-            pending = self.pending(doc)
+            if item.doc["state"] in (L.RECEIVED, L.STARTING):
+                item = self.start(item, fresh=fresh)
+            pending = self.pending(item.doc)
             for i, event_type in enumerate(pending):
-                doc = self.publish(doc, event_type, last=i == len(pending) - 1)
+                item = self.publish(item, event_type, last=i == len(pending) - 1)
             if not pending:
-                self.ledger.release(doc["requestId"], owner=self.owner)
+                self.ledger.release(item.request_id, owner=self.owner, current=item)
         except BaseException:
-            self._release_quietly(doc["requestId"])
+            self._release_quietly(item)
             raise
 
     def pending(self, doc: dict) -> list[str]:
@@ -149,63 +156,70 @@ class Intake:
                 out.append(event_type)
         return out
 
-    def acquire(self, doc: dict) -> dict:
-        if doc.get("leaseOwner") == self.owner:
-            return doc
-        claimed = self.ledger.claim(doc["requestId"], owner=self.owner, lease_s=self.s.intake_lease_s,
-                                    states=(doc["state"],))
+    def acquire(self, item: L.Versioned) -> L.Versioned:
+        if item.doc.get("leaseOwner") == self.owner:
+            return item
+        claimed = self.ledger.claim(item.request_id, owner=self.owner, lease_s=self.s.intake_lease_s,
+                                    states=(item.doc["state"],), current=item)
         if claimed is None:
-            current = self.ledger.get(doc["requestId"]) or doc
+            current = self.ledger.get(item.request_id) or item.doc
             logs.info("another delivery holds this request's lease; asking Pub/Sub to redeliver",
                       state=current.get("state"), leaseUntil=current.get("leaseUntil"))
-            raise Redeliver(f"request {doc['requestId']} is being processed by another delivery")
+            raise Redeliver(f"request {item.request_id} is being processed by another delivery")
         return claimed
 
-    def _release_quietly(self, request_id: str) -> None:
+    def _release_quietly(self, item: L.Versioned) -> None:
         try:
-            self.ledger.release(request_id, owner=self.owner)
+            self.ledger.release(item.request_id, owner=self.owner)
         except Exception as e:  # noqa: BLE001 - the lease then simply expires
             logs.warning("could not release the lease; it will expire", problem=type(e).__name__)
 
-    def update(self, doc: dict, updates: dict) -> dict:
-        """Write `updates` if this delivery still holds the lease; else let Pub/Sub redeliver."""
+    def update(self, item: L.Versioned, updates: dict, *, release: bool = False) -> L.Versioned | None:
+        """Write `updates` if this delivery still holds the lease (one write when nobody else wrote since
+        `item`); with `release`, drop the lease in the same write. Without the lease: Pub/Sub redelivers
+        (or, with `release`, None: the lease was lost after the work was done)."""
         owner = self.owner
-
-        def decide(current):
-            return {**updates, "updatedAt": L.now()} if current.get("leaseOwner") == owner else None
-        written, new = self.ledger.update(doc["requestId"], decide)
-        if not written:
+        updates = {**updates, "updatedAt": L.now()}
+        if release:
+            updates.update(leaseOwner=L.DELETE, leaseUntil=L.DELETE)
+        new = self.ledger.write(item, updates)
+        if new is None:  # changed since: read again, and write only if the lease is still ours
+            written, new = self.ledger.update(item.request_id,
+                                              lambda cur: updates if cur.get("leaseOwner") == owner else None)
+            new = new if written else None
+        if new is None and not release:
             raise Redeliver("lost the lease on the request (another delivery took over)")
         return new
 
     # -- 2-4. start the export ---------------------------------------------------------------------------
-    def start(self, doc: dict) -> dict:
+    def start(self, item: L.Versioned, *, fresh: bool = False) -> L.Versioned:
         from handlers.adapters.healthcare import ApiError, TransientError
 
-        request = doc["request"]
+        request = item.doc["request"]
         store = request["dicomStore"]
         version = req.api_version_for(request, self.s.healthcare_version)
         try:
-            if doc["state"] == L.STARTING:
-                found = self.find_operation(doc, version)
-                if found is not None:
-                    return self.started(doc, found, version, recovered=True)
-            t = L.now()
-            attempt = {"state": L.STARTING, "lastAttemptAt": t, "attempts": int(doc.get("attempts") or 0) + 1}
-            if not doc.get("firstAttemptAt"):
-                attempt["firstAttemptAt"] = t
-            doc = self.update(doc, attempt)
+            if not fresh:
+                if item.doc["state"] == L.STARTING:
+                    found = self.find_operation(item.doc, version)
+                    if found is not None:
+                        return self.started(item, found, version, recovered=True)
+                t = L.now()
+                attempt = {"state": L.STARTING, "lastAttemptAt": t, "attempts": int(item.doc.get("attempts") or 0) + 1}
+                if not item.doc.get("firstAttemptAt"):
+                    attempt["firstAttemptAt"] = t
+                item = self.update(item, attempt)
             while True:
                 try:
                     op = self.hc.export(store, req.export_body(request), version=version, deadline=self.deadline)
-                    return self.started(doc, op, version)
+                    return self.started(item, op, version)
                 except TransientError as e:
                     if not e.ambiguous:
                         raise
                     # It may have started: look before exporting again.
-                    found = self.find_operation(doc, version)
+                    found = self.find_operation(item.doc, version)
                     if found is not None:
-                        return self.started(doc, found, version, recovered=True)
+                        return self.started(item, found, version, recovered=True)
                     if time.monotonic() >= self.deadline:
                         raise
                     logs.warning("the export call failed ambiguously and no operation was started; retrying",
@@ -213,62 +227,91 @@ class Intake:
         except ApiError as e:
             logs.error(f"the Healthcare API refused the export: {e.status}: {e.message}",
                        httpStatus=e.http_status, status=e.status)
-            return self.failed(doc, e.rpc())
+            return self.failed(item, e.rpc())
         except TransientError as e:
-            return self.transient(doc, e)
+            return self.transient(item, e)
         except _Ambiguous as e:
             logs.error(str(e))
-            return self.failed(doc, {"code": 10, "message": str(e)})
+            return self.failed(item, {"code": 10, "message": str(e)})
 
     # -- 5. publish ---------------------------------------------------------------------------------------
-    def publish(self, doc: dict, event_type: str, *, last: bool) -> dict:
+    def publish(self, item: L.Versioned, event_type: str, *, last: bool) -> L.Versioned:
         from handlers.adapters.events import PublishError
 
-        recorded = doc["events"][event_type]
+        recorded = item.doc["events"][event_type]
         try:
             message_id = self.events.publish(recorded["data"], recorded["attributes"])
         except PublishError as e:
             logs.warning("could not publish the event; Pub/Sub will redeliver the request", problem=str(e),
                          eventType=event_type)
             raise Redeliver(str(e)) from e
-        t = L.now()
-        updates = {f"events.{event_type}.published": True, f"events.{event_type}.publishedAt": t,
-                   f"events.{event_type}.messageId": message_id}
-        severity = logs.error if event_type == ev.FAILED else logs.info
-        severity(f"published {event_type}", eventType=event_type, eventId=recorded["eventId"],
-                 error=recorded["data"].get("error"))
+        self._published(event_type, recorded)
+        updates = self._publication(event_type, message_id)
         if last:
-            new = self.ledger.release(doc["requestId"], owner=self.owner, updates=updates)
+            new = self.update(item, updates, release=True)
             if new is None:
                 logs.warning("lost the lease before recording the publication; a redelivery may publish the "
                              "event again with the same eventId", eventType=event_type)
-                return doc
+                return item
             return new
-        return self.update(doc, updates)
+        return self.update(item, updates)
 
-    def started(self, doc: dict, op: dict, version: str, *, recovered: bool = False) -> dict:
+    @staticmethod
+    def _publication(event_type: str, message_id: str) -> dict:
+        return {f"events.{event_type}.published": True, f"events.{event_type}.publishedAt": L.now(),
+                f"events.{event_type}.messageId": message_id}
+
+    @staticmethod
+    def _published(event_type: str, recorded: dict) -> None:
+        severity = logs.error if event_type == ev.FAILED else logs.info
+        severity(f"published {event_type}", eventType=event_type, eventId=recorded["eventId"],
+                 error=recorded["data"].get("error"))
+
+    def started(self, item: L.Versioned, op: dict, version: str, *, recovered: bool = False) -> L.Versioned:
+        """Record the operation and publish EXPORT_STARTED. The event goes out first and is recorded as
+        published in the same write as the operation and the lease's release (one write, not three):
+        if the process dies between the two, the next delivery finds the operation again (find_operation)
+        and publishes the same event again, with the same eventId. If the publish fails, the operation
+        is recorded with the event unpublished, and Pub/Sub's redelivery publishes it."""
+        from handlers.adapters.events import PublishError
+
         meta = op.get("metadata") or {}
         t = L.now()
         updates = {"state": L.STARTED, "operation": op["name"], "apiVersion": version,
                    "createTime": meta.get("createTime"), "logsUrl": meta.get("logsUrl"),
                    "nextPollAt": t + timedelta(seconds=1), "pollInterval": self.s.poll_initial_interval_s}
-        built = ev.build(ev.STARTED, {**doc, **updates})
+        built = ev.build(ev.STARTED, {**item.doc, **updates})
         updates[f"events.{ev.STARTED}"] = {**built, "published": False}
-        doc = self.update(doc, updates)
         logs.bind(operation=op["name"], logsUrl=meta.get("logsUrl"))
         logs.info("export started" + (" (operation found again after an interrupted call)" if recovered else ""),
                   recovered=recovered)
-        return doc
+        if self.pending(item.doc):  # an earlier event (none today) must go out first: record, then publish
+            return self.update(item, updates)
+        try:
+            message_id = self.events.publish(built["data"], built["attributes"])
+        except PublishError as e:
+            logs.warning("could not publish the event; Pub/Sub will redeliver the request", problem=str(e),
+                         eventType=ev.STARTED)
+            self.update(item, updates)
+            raise Redeliver(str(e)) from e
+        self._published(ev.STARTED, built)
+        updates.update(self._publication(ev.STARTED, message_id))
+        new = self.update(item, updates, release=True)
+        if new is None:
+            logs.warning("lost the lease before recording the operation; a redelivery finds it again and "
+                         "publishes the event again with the same eventId", eventType=ev.STARTED)
+            return L.Versioned(L.apply_updates(item.doc, updates), None)
+        return new
 
-    def failed(self, doc: dict, error: dict) -> dict:
+    def failed(self, item: L.Versioned, error: dict) -> L.Versioned:
         t = L.now()
         updates = {"state": L.FAILED, "error": error, "endTime": _rfc3339(t)}
-        built = ev.build(ev.FAILED, {**doc, **updates})
+        built = ev.build(ev.FAILED, {**item.doc, **updates})
         updates[f"events.{ev.FAILED}"] = {**built, "published": False}
-        return self.update(doc, updates)
+        return self.update(item, updates)
 
-    def transient(self, doc: dict, e) -> dict:
-        age = (L.now() - (doc.get("publishTime") or self.published_at)).total_seconds()
+    def transient(self, item: L.Versioned, e) -> L.Versioned:
+        age = (L.now() - (item.doc.get("publishTime") or self.published_at)).total_seconds()
         if age <= self.s.max_request_age_s:
             logs.warning("the Healthcare API is unavailable; Pub/Sub will redeliver the request",
                          problem=str(e), ageS=round(age, 1))
@@ -277,7 +320,7 @@ class Intake:
                    f"older than MAX_REQUEST_AGE_S={int(self.s.max_request_age_s)}. Publish the request again with "
                    f"a new requestId to retry.")
         logs.error(message, ageS=round(age, 1))
-        return self.failed(doc, {"code": 4, "message": message})
+        return self.failed(item, {"code": 4, "message": message})
 
     # -- the crash window between "export returned" and "operation recorded" -----------------------------
     def find_operation(self, doc: dict, version: str) -> dict | None:
@@ -319,7 +362,8 @@ class _Ambiguous(Exception):
 
 def new_document(parsed: req.Parsed, raw: bytes | None, message_id: str, *, published_at: datetime,
                  owner: str | None, lease_s: float, at: datetime | None = None) -> dict:
-    """The ledger document of a request as first recorded: RECEIVED, or REJECTED with its event."""
+    """The ledger document of a request as first recorded: STARTING (its first export attempt follows
+    at once, under the lease it is created with), or REJECTED with its event."""
     t = at or L.now()
     doc = {
         "requestId": parsed.request_id, "state": L.RECEIVED, "messageId": message_id,
@@ -333,7 +377,9 @@ def new_document(parsed: req.Parsed, raw: bytes | None, message_id: str, *, publ
         "counter": None, "error": None, "events": {},
         "leaseOwner": owner, "leaseUntil": t + timedelta(seconds=lease_s) if owner else None,
     }
-    if not parsed.ok:
+    if parsed.ok:
+        doc.update(state=L.STARTING, attempts=1, firstAttemptAt=t, lastAttemptAt=t)
+    else:
         doc.update(state=L.REJECTED, error=parsed.rejection.error(), endTime=_rfc3339(t))
         doc["events"] = {ev.REJECTED: {**ev.build(ev.REJECTED, doc), "published": False}}
     return doc

@@ -74,7 +74,7 @@ def clients(s) -> tuple:
     project = config.project_id(s)
     return (L.Ledger(s.ledger_collection, project),
             Healthcare(s.healthcare_endpoint, s.healthcare_version, local=s.healthcare_is_local,
-                       timeout_s=s.poll_call_timeout_s, budget_s=s.poll_call_timeout_s, pool_size=s.poll_concurrency),
+                       timeout_s=s.poll_call_timeout_s, budget_s=s.poll_call_timeout_s),
             Events(project, s.events_topic, timeout_s=s.poll_call_timeout_s))
 
 
@@ -340,12 +340,10 @@ def _publish_pending(tick: Tick, item: L.Versioned) -> None:
     """Publish, in order, the recorded events not known to be published: an EXPORT_STARTED the intake left
     (so a consumer never sees the end before the start), then the terminal one. The last publication is
     recorded together with dropping the lease and nextPollAt (the request is then off every query)."""
-    from google.cloud.firestore import DELETE_FIELD
-
     from handlers.adapters.events import PublishError
     from handlers.adapters.healthcare import ApiError, TransientError
 
-    doc, release = item.doc, {"leaseUntil": DELETE_FIELD, "leaseOwner": DELETE_FIELD}
+    doc, release = item.doc, {"leaseUntil": L.DELETE, "leaseOwner": L.DELETE}
     if doc.get("state") == L.TIMED_OUT and not doc.get("cancelRequested"):
         try:
             tick.hc.cancel_operation(doc["operation"], version=doc.get("apiVersion"), deadline=tick.call_deadline(),
@@ -367,7 +365,7 @@ def _publish_pending(tick: Tick, item: L.Versioned) -> None:
     pending = [t for t in (ev.STARTED, STATE_EVENT.get(doc.get("state"))) if t and t in recorded
                and not recorded[t].get("published")]
     if not pending:
-        _write(tick, item, {**release, "nextPollAt": DELETE_FIELD}, "releasing it")
+        _write(tick, item, {**release, "nextPollAt": L.DELETE}, "releasing it")
         return
     if any("data" not in recorded[t] for t in pending):  # the page read only events.EXPORT_STARTED.published
         recorded = {**recorded, **((tick.ledger.get(item.request_id) or {}).get("events") or {})}
@@ -387,7 +385,7 @@ def _publish_pending(tick: Tick, item: L.Versioned) -> None:
                    f"events.{event_type}.messageId": message_id}
         last = i == len(pending) - 1
         if last:
-            updates.update(release, nextPollAt=DELETE_FIELD)
+            updates.update(release, nextPollAt=L.DELETE)
         version = _write(tick, item, updates, "recording the publication (the next run may publish the event "
                                               "again, with the same eventId)")
         if version is None:

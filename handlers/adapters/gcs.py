@@ -1,7 +1,7 @@
 """Cloud Storage adapter: write batch filter files (healthcare-api.md §E) for the ingest function.
 
-google-cloud-storage is imported and its client created on first use, once per instance. The client
-honours STORAGE_EMULATOR_HOST by itself (anonymous credentials, the emulator's URL).
+Over the JSON API (a multipart upload) through the shared transport (google_http); STORAGE_EMULATOR_HOST
+(config) sends it to a local emulator instead.
 
 Writes are create-only (`ifGenerationMatch=0`): the runtime account needs only
 roles/storage.objectCreator on the bucket, and an object is never replaced. The caller names each
@@ -11,8 +11,15 @@ either absent or complete.
 """
 from __future__ import annotations
 
-import os
-import threading
+import json
+import time
+from urllib.parse import quote
+
+import config
+
+from . import google_http as gh
+
+BOUNDARY = "dicom-export-filter-file"
 
 
 class StorageError(Exception):
@@ -20,58 +27,57 @@ class StorageError(Exception):
 
 
 class FilterFiles:
-    def __init__(self, bucket: str, project: str | None = None, *, timeout_s: float = 30.0, client=None):
+    def __init__(self, bucket: str, project: str | None = None, *, timeout_s: float = 30.0,
+                 emulator_host: str | None = None):
         self.bucket = bucket
         self.project = project
         self.timeout_s = timeout_s
-        self._client = client
-        self._lock = threading.Lock()
+        host = emulator_host if emulator_host is not None else config.get().storage_emulator_host
+        self.local = bool(host)
+        self.base = f"http://{host}" if host else "https://storage.googleapis.com"
+        self.tokens = gh.Tokens() if host else gh.cloud_tokens()
         self._bucket_checked = False
-
-    @property
-    def local(self) -> bool:
-        return bool(os.environ.get("STORAGE_EMULATOR_HOST"))
-
-    def client(self):
-        if self._client is None:
-            with self._lock:
-                if self._client is None:
-                    from google.cloud import storage
-                    self._client = storage.Client(project=self.project)
-        return self._client
 
     def uri(self, name: str) -> str:
         return f"gs://{self.bucket}/{name}"
 
     def write_once(self, name: str, text: str) -> tuple[str, bool]:
         """Create gs://BUCKET/name holding `text` unless it exists. Returns (uri, created)."""
-        from google.api_core import exceptions as gexc
-
-        blob = self.client().bucket(self.bucket).blob(name)
+        meta = json.dumps({"name": name, "contentType": "text/plain; charset=utf-8"})
+        body = (f"--{BOUNDARY}\r\ncontent-type: application/json; charset=utf-8\r\n\r\n{meta}\r\n"
+                f"--{BOUNDARY}\r\ncontent-type: text/plain; charset=utf-8\r\n\r\n").encode() + text.encode("utf-8") \
+            + f"\r\n--{BOUNDARY}--\r\n".encode()
         try:
-            blob.upload_from_string(text.encode("utf-8"), content_type="text/plain; charset=utf-8",
-                                    if_generation_match=0, timeout=self.timeout_s)
+            self._call("POST", f"{self.base}/upload/storage/v1/b/{quote(self.bucket, safe='')}/o", data=body,
+                       params={"uploadType": "multipart", "ifGenerationMatch": "0"},
+                       headers={"Content-Type": f"multipart/related; boundary={BOUNDARY}"})
             return self.uri(name), True
-        except gexc.PreconditionFailed:
-            return self.uri(name), False
-        except gexc.NotFound as e:
-            if self.local and not self._bucket_checked:
+        except gh.HttpError as e:
+            if e.http_status == 412:
+                return self.uri(name), False
+            if e.http_status == 404 and self.local and not self._bucket_checked:
                 # A local emulator starts empty; in the cloud deploy.sh creates the bucket.
                 self._create_local_bucket()
                 return self.write_once(name, text)
-            raise StorageError(f"writing {self.uri(name)} failed: bucket {self.bucket} not found ({e})") from e
-        except Exception as e:  # noqa: BLE001 - any other failure: not written, retry later
-            raise StorageError(f"writing {self.uri(name)} failed: {type(e).__name__}: {e}") from e
+            raise StorageError(f"writing {self.uri(name)} failed: {e}") from e
+        except gh.Unavailable as e:
+            raise StorageError(f"writing {self.uri(name)} failed: {e}") from e
 
     def read(self, name: str) -> str:
         """The object's text (tests and operators; the function itself never reads)."""
-        return self.client().bucket(self.bucket).blob(name).download_as_bytes(timeout=self.timeout_s).decode("utf-8")
+        r = self._call("GET", f"{self.base}/storage/v1/b/{quote(self.bucket, safe='')}/o/{quote(name, safe='')}",
+                       params={"alt": "media"})
+        return r.content.decode("utf-8")
+
+    def _call(self, method: str, url: str, **kw):
+        return gh.call(method, url, tokens=self.tokens, deadline=time.monotonic() + self.timeout_s,
+                       timeout_s=self.timeout_s, what=f"Cloud Storage {method}", **kw)
 
     def _create_local_bucket(self) -> None:
-        from google.api_core import exceptions as gexc
-
         self._bucket_checked = True
         try:
-            self.client().create_bucket(self.bucket)
-        except gexc.Conflict:
-            pass
+            self._call("POST", f"{self.base}/storage/v1/b", params={"project": self.project or "local"},
+                       json={"name": self.bucket})
+        except gh.HttpError as e:
+            if e.http_status != 409:
+                raise

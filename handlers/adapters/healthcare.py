@@ -1,8 +1,8 @@
 """Cloud Healthcare API adapter: DICOM store export and long-running operations, over REST.
 
-Auth: Application Default Credentials through google-auth's AuthorizedSession (requests).
-Anonymous credentials are used only for a local emulator (a loopback endpoint) when no ADC file
-is configured (GOOGLE_APPLICATION_CREDENTIALS).
+Transport and auth: the shared session and token source of google_http. A local emulator (a loopback
+endpoint) gets no token unless an ADC file is configured (GOOGLE_APPLICATION_CREDENTIALS) or the
+function runs on Google Cloud.
 
 Retries: 429, 5xx, connection errors and timeouts are retried with exponential backoff and full
 jitter inside a time budget (an absolute `deadline`, time.monotonic()); past it TransientError is
@@ -16,13 +16,12 @@ look the operation up (see handlers/intake.py) instead of exporting twice.
 from __future__ import annotations
 
 import random
-import threading
 import time
 from typing import Iterator
 
+from . import google_http as gh
 from . import logs
 
-SCOPES = ("https://www.googleapis.com/auth/cloud-platform",)
 RETRYABLE_HTTP = frozenset({429, 500, 502, 503, 504})
 NOT_STARTED_HTTP = frozenset({429, 503})  # the server refused before doing any work
 
@@ -61,15 +60,13 @@ class TransientError(Exception):
 
 class Healthcare:
     def __init__(self, endpoint: str, version: str = "v1", *, local: bool = False, timeout_s: float = 30.0,
-                 budget_s: float = 30.0, session=None, pool_size: int | None = None):
+                 budget_s: float = 30.0):
         self.endpoint = endpoint.rstrip("/")
-        self.pool_size = pool_size  # connections kept per host: the caller's concurrency (requests keeps 10)
         self.version = version
         self.local = local
         self.timeout_s = timeout_s
         self.budget_s = budget_s
-        self._http = session
-        self._lock = threading.Lock()
+        self._tokens = None
 
     # -- API methods ----------------------------------------------------------------------------
     def export(self, store: str, body: dict, *, version: str | None = None, deadline: float | None = None) -> dict:
@@ -110,31 +107,12 @@ class Healthcare:
         raise TransientError(f"operations.list on {dataset}: more than {max_pages} pages", ambiguous=True)
 
     # -- transport ------------------------------------------------------------------------------
-    def session(self):
-        """The AuthorizedSession, created once per instance (thread-safe, lazily)."""
-        if self._http is None:
-            with self._lock:
-                if self._http is None:
-                    self._http = self._new_session()
-        return self._http
-
-    def _new_session(self):
-        import os
-
-        from google.auth.transport.requests import AuthorizedSession
-
-        if self.local and not os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
-            from google.auth.credentials import AnonymousCredentials
-            credentials = AnonymousCredentials()
-        else:
-            import google.auth
-            credentials, _ = google.auth.default(scopes=list(SCOPES))
-        session = AuthorizedSession(credentials)
-        if self.pool_size and self.pool_size > 10:
-            from requests.adapters import HTTPAdapter
-            session.mount("https://", HTTPAdapter(pool_connections=4, pool_maxsize=self.pool_size))
-            session.mount("http://", HTTPAdapter(pool_connections=4, pool_maxsize=self.pool_size))
-        return session
+    def tokens(self):
+        if self._tokens is None:
+            import config
+            s = config.get()
+            self._tokens = gh.cloud_tokens() if not self.local or s.credentials_file or s.on_google_cloud else gh.Tokens()
+        return self._tokens
 
     def url(self, path: str, version: str | None = None) -> str:
         return f"{self.endpoint}/{version or self.version}/{path.lstrip('/')}"
@@ -142,11 +120,10 @@ class Healthcare:
     def _call(self, method: str, path: str, body, *, params=None, version=None, deadline=None,
               idempotent: bool = True, method_name: str = "", max_attempts: int | None = None) -> dict:
         import requests
-        from google.auth import exceptions as auth_exceptions
 
         deadline = deadline if deadline is not None else time.monotonic() + self.budget_s
         url = self.url(path, version)
-        http = self.session()
+        tokens = self.tokens()
         delay, attempt, ambiguous_seen = 0.2, 0, False
         while True:
             attempt += 1
@@ -157,15 +134,15 @@ class Healthcare:
             timeout = (min(5.0, remaining), min(self.timeout_s, remaining))
             retry_after = None
             try:
-                r = http.request(method, url, json=body, params=params, timeout=timeout)
+                r = gh.request(method, url, tokens=tokens, json=body, params=params, timeout=timeout)
             except requests.exceptions.ConnectTimeout as e:
                 problem, ambiguous = f"connect timeout ({type(e).__name__})", False
             except requests.exceptions.ConnectionError as e:
                 problem, ambiguous = f"connection error ({_connection_reason(e)})", not _not_sent(e)
             except requests.exceptions.Timeout:
                 problem, ambiguous = "read timeout", True
-            except (auth_exceptions.TransportError, auth_exceptions.RefreshError) as e:
-                problem, ambiguous = f"credentials refresh failed ({type(e).__name__})", False
+            except gh.TokenError as e:
+                problem, ambiguous = f"no access token ({e})", False
             else:
                 if 200 <= r.status_code < 300:
                     return r.json() if r.content else {}

@@ -14,12 +14,14 @@ Multi-document changes are optimistic: read, decide, then one atomic batched wri
 document's update time (`_cas`). No Firestore transaction is used: an abandoned transaction (a process
 killed inside one) keeps its locks until they expire, which would stall every other instance.
 
-The fields of each are described in README.md, "Ingest". google-cloud-firestore is imported
-on first use; FIRESTORE_EMULATOR_HOST is honoured by the client itself. Timestamps are aware UTC.
+The fields of each are described in README.md, "Ingest". Firestore is reached over REST
+(handlers/adapters/firestore.py). Timestamps are aware UTC.
 """
 from __future__ import annotations
 
 from datetime import datetime, timezone
+
+from .firestore import Conflict, Firestore
 
 # arrival states
 PENDING, BATCHED, DELETION, OTHER = "PENDING", "BATCHED", "DELETION", "OTHER"
@@ -35,110 +37,79 @@ def now() -> datetime:
 
 
 class IngestLedger:
-    def __init__(self, ledger_collection: str, project: str | None = None, *, client=None):
+    def __init__(self, ledger_collection: str, project: str | None = None, *, client: Firestore | None = None):
         self.prefix = ledger_collection
         self.project = project
         self._client = client
+        self.ARRIVALS, self.ROUTES = f"{self.prefix}-ingestArrivals", f"{self.prefix}-ingestRoutes"
+        self.BATCHES, self.TABLES = f"{self.prefix}-ingestBatches", f"{self.prefix}-ingestTables"
 
-    def client(self):
+    def client(self) -> Firestore:
         if self._client is None:
             from .ledger import firestore_client
             self._client = firestore_client(self.project)
         return self._client
 
-    def _col(self, kind: str):
-        return self.client().collection(f"{self.prefix}-ingest{kind}")
+    def _get(self, collection: str, doc_id: str) -> dict | None:
+        d = self.client().get(collection, doc_id)
+        return d.data if d is not None else None
 
-    def arrivals(self):
-        return self._col("Arrivals")
-
-    def routes_col(self):
-        return self._col("Routes")
-
-    def batches_col(self):
-        return self._col("Batches")
-
-    def tables_col(self):
-        return self._col("Tables")
+    def _create(self, collection: str, doc_id: str, doc: dict) -> bool:
+        fs = self.client()
+        try:
+            fs.commit([fs.create(collection, doc_id, doc)])
+            return True
+        except Conflict:
+            return False
 
     # -- arrivals ----------------------------------------------------------------------------------
     def record(self, arrival_id: str, doc: dict) -> bool:
         """Create the arrival unless it exists (one write, no transaction). True when created."""
-        from google.api_core import exceptions as gexc
-
-        try:
-            self.arrivals().document(arrival_id).create(doc)
-            return True
-        except gexc.AlreadyExists:
-            return False
+        return self._create(self.ARRIVALS, arrival_id, doc)
 
     def arrival(self, arrival_id: str) -> dict | None:
-        snap = self.arrivals().document(arrival_id).get()
-        return snap.to_dict() if snap.exists else None
+        return self._get(self.ARRIVALS, arrival_id)
 
-    def _pending_query(self, route: str):
-        from google.cloud.firestore_v1.base_query import FieldFilter
-
-        return (self.arrivals().where(filter=FieldFilter("route", "==", route))
-                .where(filter=FieldFilter("state", "==", PENDING)))
+    def _pending(self, route: str, fields: list[str], limit: int):
+        return self.client().query(self.ARRIVALS, where=[("route", "==", route), ("state", "==", PENDING)],
+                                   select=fields, order_by=["arrivedAt"], limit=limit)
 
     def pending(self, route: str, limit: int) -> list[dict]:
         """The route's oldest pending arrivals (composite index route, state, arrivedAt)."""
-        q = self._pending_query(route).select(["path", "arrivedAt"]).order_by("arrivedAt").limit(limit)
-        return [{**s.to_dict(), "id": s.id} for s in q.stream()]
+        return [{**d.data, "id": d.id} for d in self._pending(route, ["path", "arrivedAt"], limit)]
 
     def oldest_pending(self, route: str) -> datetime | None:
-        for s in self._pending_query(route).select(["arrivedAt"]).order_by("arrivedAt").limit(1).stream():
-            return s.to_dict().get("arrivedAt")
+        for d in self._pending(route, ["arrivedAt"], 1):
+            return d.data.get("arrivedAt")
         return None
 
     def count(self, route: str, state: str = PENDING, up_to: int | None = None) -> int:
         """How many arrivals of the route are in `state` (at most `up_to`: a bounded aggregation)."""
-        from google.cloud.firestore_v1.base_query import FieldFilter
-
-        q = (self.arrivals().where(filter=FieldFilter("route", "==", route))
-             .where(filter=FieldFilter("state", "==", state)))
-        if up_to:
-            q = q.limit(up_to)
-        return int(q.count().get()[0][0].value)
+        return self.client().count(self.ARRIVALS, where=[("route", "==", route), ("state", "==", state)], up_to=up_to)
 
     def mark_batched(self, arrival_ids: list[str], batch_id: str, *, expire_at: datetime) -> None:
         """Idempotent: every listed arrival becomes BATCHED in `batch_id`."""
-        col = self.arrivals()
+        fs = self.client()
         for i in range(0, len(arrival_ids), WRITE_CHUNK):
-            wb = self.client().batch()
-            for aid in arrival_ids[i:i + WRITE_CHUNK]:
-                wb.update(col.document(aid), {"state": BATCHED, "batchId": batch_id, "expireAt": expire_at})
-            wb.commit()
+            fs.commit([fs.update(self.ARRIVALS, aid, {"state": BATCHED, "batchId": batch_id, "expireAt": expire_at})
+                       for aid in arrival_ids[i:i + WRITE_CHUNK]])
 
     # -- routes ------------------------------------------------------------------------------------
     def ensure_route(self, key: str, fields: dict) -> None:
-        from google.api_core import exceptions as gexc
-
         t = now()
-        try:
-            self.routes_col().document(key).create({**fields, "seq": 0, "closing": None, "createdAt": t,
-                                                    "updatedAt": t})
-        except gexc.AlreadyExists:
-            pass
+        self._create(self.ROUTES, key, {**fields, "seq": 0, "closing": None, "createdAt": t, "updatedAt": t})
 
     def route(self, key: str) -> dict | None:
-        snap = self.routes_col().document(key).get()
-        return snap.to_dict() if snap.exists else None
+        return self._get(self.ROUTES, key)
 
     def routes(self, table_key: str | None = None) -> list[dict]:
-        from google.cloud.firestore_v1.base_query import FieldFilter
-
-        q = self.routes_col()
-        if table_key is not None:
-            q = q.where(filter=FieldFilter("tableKey", "==", table_key))
-        return [s.to_dict() for s in q.stream()]
+        where = [("tableKey", "==", table_key)] if table_key is not None else []
+        return [d.data for d in self.client().query(self.ROUTES, where=where)]
 
     def open_batch(self, route_key: str, expected_seq: int, batch_id: str, batch: dict) -> bool:
         """Create the batch (CLOSING) and mark it as the route's batch being closed, if the route is
         still at `expected_seq` with nothing being closed (else another closer got there first)."""
-        route_ref = self.routes_col().document(route_key)
-        batch_ref = self.batches_col().document(batch_id)
+        route_ref, batch_ref = (self.ROUTES, route_key), (self.BATCHES, batch_id)
 
         def decide(route, _batch):
             if route is None or int(route.get("seq") or 0) != expected_seq or route.get("closing"):
@@ -151,8 +122,7 @@ class IngestLedger:
 
     def finish_close(self, route_key: str, batch_id: str, updates: dict) -> bool:
         """CLOSING -> `updates` (READY) and clear the route's `closing`, in one atomic write."""
-        route_ref = self.routes_col().document(route_key)
-        batch_ref = self.batches_col().document(batch_id)
+        route_ref, batch_ref = (self.ROUTES, route_key), (self.BATCHES, batch_id)
         moved = []
 
         def decide(route, batch):
@@ -170,11 +140,10 @@ class IngestLedger:
 
     # -- batches -----------------------------------------------------------------------------------
     def batch(self, batch_id: str) -> dict | None:
-        snap = self.batches_col().document(batch_id).get()
-        return snap.to_dict() if snap.exists else None
+        return self._get(self.BATCHES, batch_id)
 
     def update_batch_if(self, batch_id: str, states: tuple[str, ...], updates: dict) -> bool:
-        ref = self.batches_col().document(batch_id)
+        ref = (self.BATCHES, batch_id)
 
         def decide(batch):
             if batch is None or batch.get("state") not in states:
@@ -184,32 +153,24 @@ class IngestLedger:
 
     def ready(self, table_key: str, limit: int = 1) -> list[dict]:
         """READY batches of a table, first closed first (composite index tableKey, state, readyAt)."""
-        from google.cloud.firestore_v1.base_query import FieldFilter
-
-        q = (self.batches_col().where(filter=FieldFilter("tableKey", "==", table_key))
-             .where(filter=FieldFilter("state", "==", READY)).order_by("readyAt").limit(limit))
-        return [s.to_dict() for s in q.stream()]
+        return [d.data for d in self.client().query(self.BATCHES, where=[("tableKey", "==", table_key),
+                                                                         ("state", "==", READY)],
+                                                    order_by=["readyAt"], limit=limit)]
 
     def batches(self, *, route: str | None = None, table_key: str | None = None, state: str | None = None,
                 limit: int = 1000) -> list[dict]:
         """Batches by equality filters (operators and tests)."""
-        from google.cloud.firestore_v1.base_query import FieldFilter
-
-        q = self.batches_col()
-        for name, value in (("route", route), ("tableKey", table_key), ("state", state)):
-            if value is not None:
-                q = q.where(filter=FieldFilter(name, "==", value))
-        return [s.to_dict() for s in q.limit(limit).stream()]
+        where = [(name, "==", value) for name, value in (("route", route), ("tableKey", table_key), ("state", state))
+                 if value is not None]
+        return [d.data for d in self.client().query(self.BATCHES, where=where, limit=limit)]
 
     # -- tables ------------------------------------------------------------------------------------
     def table(self, table_key: str) -> dict | None:
-        snap = self.tables_col().document(table_key).get()
-        return snap.to_dict() if snap.exists else None
+        return self._get(self.TABLES, table_key)
 
     def claim_table(self, table_key: str, table_uri: str, batch_id: str, request_id: str) -> bool:
         """Take the table for `batch_id` (READY -> PUBLISHING) if no export of the table is running."""
-        table_ref = self.tables_col().document(table_key)
-        batch_ref = self.batches_col().document(batch_id)
+        table_ref, batch_ref = (self.TABLES, table_key), (self.BATCHES, batch_id)
 
         def decide(table, batch):
             if batch is None or batch.get("state") != READY or (table or {}).get("running"):
@@ -223,8 +184,7 @@ class IngestLedger:
 
     def release_table(self, table_key: str, batch_id: str, batch_updates: dict) -> bool:
         """The running export of `batch_id` ended: free the table and record the outcome, together."""
-        table_ref = self.tables_col().document(table_key)
-        batch_ref = self.batches_col().document(batch_id)
+        table_ref, batch_ref = (self.TABLES, table_key), (self.BATCHES, batch_id)
 
         def decide(table, batch):
             running = (table or {}).get("running")
@@ -238,37 +198,31 @@ class IngestLedger:
         return self._cas([table_ref, batch_ref], decide)
 
     # -- plumbing ----------------------------------------------------------------------------------
-    def _cas(self, refs: list, decide, *, attempts: int = 30) -> bool:
+    def _cas(self, refs: list[tuple[str, str]], decide, *, attempts: int = 30) -> bool:
         """Optimistic read-decide-write over a few documents, without a transaction: read them, let
         `decide(*docs)` return [(ref, "create" | "update", data), ...] (or None: nothing to do, False),
         and commit those writes as one atomic batch, each update conditioned on the document's
-        update time as read and each create on its absence. If any changed meanwhile, nothing is
+        version as read and each create on its absence. If any changed meanwhile, nothing is
         written and it starts over. No lock is ever held, so a process that dies mid-way blocks nobody
         (an abandoned Firestore transaction keeps its locks until they expire)."""
         import random
         import time
 
-        from google.api_core import exceptions as gexc
-
-        client = self.client()
+        fs = self.client()
         for attempt in range(attempts):
-            snaps = {s.reference.path: s for s in client.get_all(refs)}
-            docs = [snaps[r.path].to_dict() if r.path in snaps and snaps[r.path].exists else None for r in refs]
-            ops = decide(*docs)
+            read = dict(zip(refs, fs.get_all(refs)))
+            ops = decide(*[d.data if d is not None else None for d in read.values()])
             if not ops:
                 return False
-            wb = client.batch()
-            for ref, kind, data in ops:
-                if kind == "create":
-                    wb.create(ref, data)
-                else:
-                    wb.update(ref, data, option=client.write_option(last_update_time=snaps[ref.path].update_time))
+            writes = [fs.create(*ref, data) if kind == "create" else
+                      fs.update(*ref, data, version=read[ref].version if read[ref] is not None else None)
+                      for ref, kind, data in ops]
             try:
-                wb.commit()
+                fs.commit(writes)
                 return True
-            except (gexc.FailedPrecondition, gexc.AlreadyExists, gexc.NotFound, gexc.Aborted):
+            except Conflict:
                 time.sleep(random.uniform(0, min(0.5, 0.01 * 2 ** attempt)))
-        raise ContentionError(f"{[r.path for r in refs]}: still changing after {attempts} attempts")
+        raise ContentionError(f"{refs}: still changing after {attempts} attempts")
 
 
 class ContentionError(Exception):

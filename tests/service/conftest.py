@@ -28,6 +28,8 @@ def emulator_env(pubsub, firestore):
     mp.setenv("PUBSUB_EMULATOR_HOST", pubsub.host_port)
     mp.setenv("FIRESTORE_EMULATOR_HOST", firestore.host_port)
     mp.setenv("GOOGLE_CLOUD_PROJECT", PROJECT)
+    import config
+    config._settings = None  # the in-process adapters read the emulator hosts from the settings
     yield
     mp.undo()
 

@@ -7,6 +7,7 @@ fixtures stay as they are.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -55,7 +56,8 @@ class Pieces:
             "INGEST_BATCH_MAX_AGE_S": str(max_age_s), **(env or {})})
         self.requests_ledger = Ledger(self.collection, PROJECT)
         self.ledger = IngestLedger(self.collection, PROJECT, client=self.requests_ledger.client())
-        self.files = FilterFiles(self.bucket, PROJECT)
+        self.files = FilterFiles(self.bucket, PROJECT,
+                                 emulator_host=os.environ["STORAGE_EMULATOR_HOST"].removeprefix("http://"))
         self.requests = Events(PROJECT, self.requests_topic)
         self.ingest_mod = ingest
         self.published: list[dict] = []
@@ -95,13 +97,13 @@ class Pieces:
     def finish_request(self, request_id: str, state: str = "SUCCEEDED", counter=None) -> None:
         """Stand in for intake + poller: the request's ledger document, terminal."""
         from handlers.adapters.ledger import now
-        self.requests_ledger.ref(request_id).set({"requestId": request_id, "state": state,
-                                                  "counter": counter or {"success": "1"}, "updatedAt": now(),
-                                                  "operation": f"projects/{PROJECT}/locations/l/datasets/d/"
-                                                               f"operations/{abs(hash(request_id))}"})
+        self.requests_ledger.put_many([{"requestId": request_id, "state": state,
+                                        "counter": counter or {"success": "1"}, "updatedAt": now(),
+                                        "operation": f"projects/{PROJECT}/locations/l/datasets/d/"
+                                                     f"operations/{abs(hash(request_id))}"}])
 
     def arrivals(self) -> list[dict]:
-        return [{**s.to_dict(), "id": s.id} for s in self.ledger.arrivals().stream()]
+        return [{**d.data, "id": d.id} for d in self.ledger.client().query(self.ledger.ARRIVALS)]
 
     def batches(self) -> list[dict]:
         return sorted(self.ledger.batches(), key=lambda b: b["batchId"])

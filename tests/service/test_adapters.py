@@ -21,10 +21,10 @@ def ledger(emulator_env):
 
 def test_ledger_create_is_once_and_ids_are_escaped(ledger):
     for rid in (".", "..", "__x__", "a.b:c_d-1"):
-        created, doc = ledger.create(rid, {"requestId": rid, "state": L.RECEIVED})
-        assert created and doc["requestId"] == rid
-        created, doc = ledger.create(rid, {"requestId": rid, "state": L.REJECTED})
-        assert not created and doc["state"] == L.RECEIVED and ledger.get(rid)["requestId"] == rid
+        created, item = ledger.create(rid, {"requestId": rid, "state": L.RECEIVED})
+        assert created and item.doc["requestId"] == rid and item.version
+        created, item = ledger.create(rid, {"requestId": rid, "state": L.REJECTED})
+        assert not created and item.doc["state"] == L.RECEIVED and ledger.get(rid)["requestId"] == rid
     assert L.doc_id("..") == "%2E%2E" and L.doc_id("__x__") == "%5F%5Fx%5F%5F" and L.doc_id("a.b") == "a.b"
 
 
@@ -35,21 +35,74 @@ def test_ledger_due_pages_by_next_poll_and_claims_with_a_lease(ledger):
                                 "nextPollAt": now - timedelta(seconds=10 - i)})
     ledger.create("future", {"requestId": "future", "state": L.STARTED, "nextPollAt": now + timedelta(hours=1)})
     ledger.create("done", {"requestId": "done", "state": L.SUCCEEDED, "nextPollAt": now - timedelta(hours=1)})
-    first = ledger.due(limit=3, at=now)
-    assert [d["requestId"] for d in first] == ["r0", "r1", "r2"]
-    rest = ledger.due(limit=3, at=now, after=first[-1]["nextPollAt"])
-    assert [d["requestId"] for d in rest] == ["r3", "r4"]
+    first, cursor = ledger.due_page(limit=3, at=now)
+    assert [v.request_id for v in first] == ["r0", "r1", "r2"] and cursor is not None
+    rest, cursor = ledger.due_page(limit=3, at=now, cursor=cursor)
+    assert [v.request_id for v in rest] == ["r3", "r4"] and cursor is None
 
     got = ledger.claim("r0", owner="poller-a", lease_s=30, updates={"pollInterval": 2.0})
-    assert got["leaseOwner"] == "poller-a" and got["pollInterval"] == 2.0 and got["leaseUntil"] > now
+    assert got.doc["leaseOwner"] == "poller-a" and got.doc["pollInterval"] == 2.0 and got.doc["leaseUntil"] > now
     assert ledger.claim("r0", owner="poller-b", lease_s=30) is None  # held
     assert ledger.claim("done", owner="poller-b", lease_s=30) is None  # not STARTED
     assert ledger.claim("r0", owner="poller-b", lease_s=30, at=now + timedelta(seconds=60))  # expired
     assert ledger.release("r0", owner="poller-a") is None  # no longer the owner
     released = ledger.release("r0", owner="poller-b", updates={"state": L.SUCCEEDED})
-    assert released["state"] == L.SUCCEEDED and "leaseOwner" not in released and "leaseOwner" not in ledger.get("r0")
+    assert released.doc["state"] == L.SUCCEEDED and "leaseOwner" not in released.doc
+    assert "leaseOwner" not in ledger.get("r0")
     assert ledger.find_by_operation("ops/3")["requestId"] == "r3" and ledger.find_by_operation("ops/x") is None
     assert [d["requestId"] for d in ledger.in_state(L.SUCCEEDED)] == sorted(["done", "r0"])
+
+
+def test_ledger_ties_on_next_poll_are_paged_by_id_none_skipped(ledger):
+    now = L.now()
+    ledger.put_many([{"requestId": f"t{i:02d}", "state": L.STARTED, "nextPollAt": now} for i in range(7)])
+    seen, cursor = [], None
+    while True:
+        page, cursor = ledger.due_page(limit=3, at=now, cursor=cursor, fields=("operation",))
+        seen += [v.request_id for v in page]
+        if cursor is None:
+            break
+    assert seen == [f"t{i:02d}" for i in range(7)]
+
+
+def test_ledger_write_is_a_compare_and_set(ledger):
+    _, item = ledger.create("cas", {"requestId": "cas", "state": L.STARTING, "n": 1})
+    first = ledger.write(item, {"n": 2, "events.EXPORT_STARTED.published": True})
+    assert first.doc["n"] == 2 and first.doc["events"] == {"EXPORT_STARTED": {"published": True}}
+    assert ledger.write(item, {"n": 3}) is None  # item's version is gone: nothing written
+    assert ledger.get("cas")["n"] == 2
+    second = ledger.write(first, {"n": L.DELETE, "events.EXPORT_STARTED.messageId": "m1"})
+    assert ledger.get("cas") == second.doc == {"requestId": "cas", "state": L.STARTING,
+                                               "events": {"EXPORT_STARTED": {"published": True, "messageId": "m1"}}}
+    # batchWrite: each write alone; a stale version fails only its own write
+    ledger.create("cas2", {"requestId": "cas2", "state": L.STARTED})
+    v2 = ledger.read("cas2").version
+    out = ledger.write_if_unchanged([("cas", item.version, {"n": 9}), ("cas2", v2, {"n": 9}),
+                                     ("missing", v2, {"n": 9})])
+    assert out["cas"] is None and out["cas2"] and out["missing"] is None
+    assert ledger.get("cas2")["n"] == 9 and "n" not in ledger.get("cas")
+
+
+def test_firestore_values_read_the_same_through_googles_client(ledger):
+    """What the REST adapter writes, google-cloud-firestore (gRPC) reads as the same values, and back."""
+    from datetime import datetime, timezone
+
+    from google.cloud import firestore
+
+    t = datetime(2026, 11, 25, 7, 0, 0, 123456, tzinfo=timezone.utc)
+    doc = {"requestId": "values", "s": "é\u0000`x`", "i": -(2 ** 63), "f": 1.5, "b": True, "none": None, "t": t,
+           "bytes": b"\x00\xff", "list": [1, "a", {}, {"x": [2]}], "map": {"a.b": {"c d": 1}, "`": 2}, "empty": {}}
+    ledger.create("values", doc)
+    client = firestore.Client(project=PROJECT)
+    got = client.collection(ledger.collection).document("values").get().to_dict()
+    assert got == doc
+    client.collection(ledger.collection).document("values2").set({**doc, "requestId": "values2"})
+    assert ledger.get("values2") == {**doc, "requestId": "values2"}
+    item = ledger.read("values2")
+    assert ledger.write(item, {"map.a.b": 5})  # dotted paths are nested fields, not keys with dots
+    assert client.collection(ledger.collection).document("values2").get().to_dict()["map"] == {"a": {"b": 5},
+                                                                                              "a.b": {"c d": 1},
+                                                                                              "`": 2}
 
 
 def test_events_publish_waits_for_the_server(emulator_env, pubsub_clients):

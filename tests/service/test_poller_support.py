@@ -95,12 +95,7 @@ class Poller:
 
     def seed_many(self, docs: list[dict]) -> None:
         """Write many seeded documents with batched writes (500 per commit)."""
-        client = self.ledger.client()
-        for i in range(0, len(docs), 500):
-            batch = client.batch()
-            for d in docs[i:i + 500]:
-                batch.create(self.ledger.ref(d["requestId"]), d)
-            batch.commit()
+        self.ledger.put_many(docs)
 
     def exports(self, store: str, table_uris: list[str], threads: int = 16) -> list[dict]:
         with ThreadPoolExecutor(threads) as ex:

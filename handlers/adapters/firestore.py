@@ -1,0 +1,261 @@
+"""Firestore over its REST API (v1): the few calls the ledgers need, and nothing else.
+
+    fs = Firestore(project)                      # FIRESTORE_EMULATOR_HOST / FIRESTORE_DATABASE from config
+    doc = fs.get("dicomExports", "r-1")          # Doc(id, data, version) or None
+    fs.commit([fs.create("c", "id", data), fs.update("c", "id2", {"a.b": 1, "x": DELETE}, version=doc.version)])
+
+Documents are plain dicts of str, int, float, bool, None, aware datetimes, bytes, lists and dicts.
+A `version` is the document's updateTime exactly as Firestore returned it (an opaque string): an
+update conditioned on it is a compare-and-set, the building block of every ledger change (no
+transactions: an abandoned transaction holds its locks until they expire, a failed precondition
+holds nothing). Update keys are field paths ("events.EXPORT_STARTED.published"); DELETE removes one.
+
+Errors: Conflict when a precondition fails (the document exists, is missing, or changed since it was
+read); google_http.HttpError for other refusals; google_http.Unavailable when Firestore stayed
+unavailable for `timeout_s`. Every call here is safe to retry: writes carry preconditions, so a write
+whose answer was lost surfaces as a Conflict, never as a second write.
+"""
+from __future__ import annotations
+
+import base64
+import re
+import time
+from datetime import datetime, timezone
+from typing import NamedTuple
+
+import config
+
+from . import google_http as gh
+
+
+class _Delete:
+    def __repr__(self):
+        return "DELETE"
+
+
+DELETE = _Delete()  # as an update's value: remove the field
+_SIMPLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_CONFLICT = frozenset({"ALREADY_EXISTS", "FAILED_PRECONDITION", "NOT_FOUND"})
+_CONFLICT_CODES = frozenset({5, 6, 9})  # google.rpc codes of the same, in batchWrite's per-write status
+OPS = {"==": "EQUAL", "<": "LESS_THAN", "<=": "LESS_THAN_OR_EQUAL", ">": "GREATER_THAN",
+       ">=": "GREATER_THAN_OR_EQUAL", "!=": "NOT_EQUAL", "in": "IN"}
+
+
+class Conflict(Exception):
+    """A write's precondition failed: the document exists, is missing, or changed since it was read."""
+
+
+class Doc(NamedTuple):
+    id: str
+    data: dict
+    version: str  # updateTime
+
+
+class Firestore:
+    def __init__(self, project: str, *, database: str | None = None, emulator_host: str | None = None,
+                 timeout_s: float = 30.0):
+        s = config.get()
+        database = database or s.firestore_database
+        emulator_host = emulator_host if emulator_host is not None else s.firestore_emulator_host
+        self.root = f"projects/{project}/databases/{database}/documents"
+        self.base = f"http://{emulator_host}/v1/" if emulator_host else "https://firestore.googleapis.com/v1/"
+        # The emulator's documented admin token: it admits batchWrite and bypasses security rules.
+        self.tokens = gh.Static("owner") if emulator_host else gh.cloud_tokens()
+        self.timeout_s = timeout_s
+
+    # -- names -------------------------------------------------------------------------------------------
+    def name(self, collection: str, doc_id: str) -> str:
+        return f"{self.root}/{collection}/{doc_id}"
+
+    # -- writes (built here, sent by commit / batch_write) -----------------------------------------------
+    def create(self, collection: str, doc_id: str, data: dict) -> dict:
+        """Create the document; Conflict if it exists."""
+        return {"update": {"name": self.name(collection, doc_id), "fields": _fields(data)},
+                "currentDocument": {"exists": False}}
+
+    def put(self, collection: str, doc_id: str, data: dict) -> dict:
+        """Create or replace the whole document, unconditionally (seeding and tools)."""
+        return {"update": {"name": self.name(collection, doc_id), "fields": _fields(data)}}
+
+    def update(self, collection: str, doc_id: str, updates: dict, *, version: str | None = None) -> dict:
+        """Set (or DELETE) the given field paths; only if the document is at `version`, or, without one,
+        only if it exists (Conflict otherwise)."""
+        root: dict = {}
+        for path, value in updates.items():
+            *parents, leaf = path.split(".")
+            node = root
+            for p in parents:
+                node = node.setdefault(p, {})
+                if not isinstance(node, dict):
+                    raise ValueError(f"update paths overlap at {path!r}")
+            if value is not DELETE:
+                node[leaf] = value
+        return {"update": {"name": self.name(collection, doc_id), "fields": _fields(root)},
+                "updateMask": {"fieldPaths": [_field_path(p) for p in updates]},
+                "currentDocument": {"updateTime": version} if version else {"exists": True}}
+
+    # -- calls -------------------------------------------------------------------------------------------
+    def commit(self, writes: list[dict]) -> list[str]:
+        """All writes atomically; their new versions. Conflict if any precondition fails (then none is applied)."""
+        try:
+            body = self._post(":commit", {"writes": writes}).json()
+        except gh.HttpError as e:
+            if e.status in _CONFLICT or e.http_status == 409:
+                raise Conflict(e.message) from None
+            raise
+        return [w.get("updateTime") or body.get("commitTime") for w in body.get("writeResults", [])]
+
+    def batch_write(self, writes: list[dict]) -> list[str | None]:
+        """Each write alone (not atomic, up to 500): per write its new version, or None when its precondition
+        failed. Other per-write failures raise HttpError."""
+        body = self._post(":batchWrite", {"writes": writes}).json()
+        out = []
+        statuses = body.get("status") or [{}] * len(writes)
+        for result, status in zip(body.get("writeResults", []), statuses):
+            code = int(status.get("code") or 0)
+            if code == 0:
+                out.append(result.get("updateTime"))
+            elif code in _CONFLICT_CODES:
+                out.append(None)
+            else:
+                raise gh.HttpError(500, str(code), status.get("message", "")[:500])
+        return out
+
+    def get(self, collection: str, doc_id: str) -> Doc | None:
+        return self.get_all([(collection, doc_id)])[0]
+
+    def get_all(self, refs: list[tuple[str, str]]) -> list[Doc | None]:
+        """Several documents in one round trip, in the order asked."""
+        if not refs:
+            return []
+        names = [self.name(c, i) for c, i in refs]
+        found = {}
+        for item in self._post(":batchGet", {"documents": names}).json():
+            if "found" in item:
+                found[item["found"]["name"]] = _doc(item["found"])
+        return [found.get(n) for n in names]
+
+    def query(self, collection: str, *, where: list[tuple[str, str, object]] = (), order_by: list[str] = (),
+              select: list[str] | None = None, limit: int | None = None, start_after: Doc | None = None) -> list[Doc]:
+        """Documents of `collection` matching every (field, op, value), ascending by `order_by` then by
+        document id. `start_after` (a Doc of the previous page) continues after it; `select` projects."""
+        q = self._structured(collection, where)
+        if order_by or start_after is not None:
+            q["orderBy"] = [{"field": {"fieldPath": _field_path(f)}, "direction": "ASCENDING"}
+                            for f in [*order_by, "__name__"]]
+        if start_after is not None:
+            values = [_value(_get_path(start_after.data, f)) for f in order_by]
+            q["startAt"] = {"values": [*values, {"referenceValue": self.name(collection, start_after.id)}],
+                            "before": False}
+        if select is not None:
+            q["select"] = {"fields": [{"fieldPath": _field_path(f)} for f in select]}
+        if limit:
+            q["limit"] = int(limit)
+        return [_doc(item["document"]) for item in self._post(":runQuery", {"structuredQuery": q}).json()
+                if "document" in item]
+
+    def count(self, collection: str, *, where: list[tuple[str, str, object]] = (), up_to: int | None = None) -> int:
+        q = self._structured(collection, where)
+        if up_to:
+            q["limit"] = int(up_to)
+        body = {"structuredAggregationQuery": {"structuredQuery": q,
+                                               "aggregations": [{"alias": "n", "count": {}}]}}
+        for item in self._post(":runAggregationQuery", body).json():
+            fields = (item.get("result") or {}).get("aggregateFields")
+            if fields:
+                return int(_decode(fields["n"]))
+        return 0
+
+    # -- plumbing ----------------------------------------------------------------------------------------
+    def _structured(self, collection: str, where) -> dict:
+        q: dict = {"from": [{"collectionId": collection}]}
+        filters = [{"fieldFilter": {"field": {"fieldPath": _field_path(f)}, "op": OPS[op], "value": _value(v)}}
+                   for f, op, v in where]
+        if len(filters) == 1:
+            q["where"] = filters[0]
+        elif filters:
+            q["where"] = {"compositeFilter": {"op": "AND", "filters": filters}}
+        return q
+
+    def _post(self, method: str, body: dict):
+        return gh.call("POST", f"{self.base}{self.root}{method}", tokens=self.tokens, json=body,
+                       deadline=time.monotonic() + self.timeout_s, timeout_s=self.timeout_s,
+                       what=f"Firestore {method.lstrip(':')}", retry_statuses=frozenset({"ABORTED", "UNAVAILABLE"}))
+
+
+# -- values ----------------------------------------------------------------------------------------------
+def _field_path(path: str) -> str:
+    if path == "__name__":
+        return path
+    return ".".join(p if _SIMPLE.match(p) else "`" + p.replace("\\", "\\\\").replace("`", "\\`") + "`"
+                    for p in path.split("."))
+
+
+def _get_path(data: dict, path: str):
+    for p in path.split("."):
+        data = (data or {}).get(p)
+    return data
+
+
+def _fields(data: dict) -> dict:
+    return {k: _value(v) for k, v in data.items()}
+
+
+def _value(v) -> dict:
+    if v is None:
+        return {"nullValue": None}
+    if isinstance(v, bool):
+        return {"booleanValue": v}
+    if isinstance(v, int):
+        return {"integerValue": str(v)}
+    if isinstance(v, float):
+        if v != v or v in (float("inf"), float("-inf")):
+            return {"doubleValue": "NaN" if v != v else ("Infinity" if v > 0 else "-Infinity")}
+        return {"doubleValue": v}
+    if isinstance(v, str):
+        return {"stringValue": v}
+    if isinstance(v, datetime):
+        t = v.astimezone(timezone.utc) if v.tzinfo else v.replace(tzinfo=timezone.utc)
+        return {"timestampValue": t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
+    if isinstance(v, dict):
+        return {"mapValue": {"fields": _fields(v)}}
+    if isinstance(v, (list, tuple)):
+        return {"arrayValue": {"values": [_value(x) for x in v]}}
+    if isinstance(v, (bytes, bytearray)):
+        return {"bytesValue": base64.b64encode(bytes(v)).decode("ascii")}
+    raise TypeError(f"cannot store a {type(v).__name__} in Firestore")
+
+
+def _decode(v: dict):
+    (kind, x), = v.items()
+    if kind == "stringValue":
+        return x
+    if kind == "integerValue":
+        return int(x)
+    if kind == "timestampValue":
+        return _timestamp(x)
+    if kind == "mapValue":
+        return {k: _decode(y) for k, y in (x.get("fields") or {}).items()}
+    if kind == "arrayValue":
+        return [_decode(y) for y in (x.get("values") or [])]
+    if kind == "booleanValue":
+        return bool(x)
+    if kind == "doubleValue":
+        return float(x)
+    if kind == "nullValue":
+        return None
+    if kind == "bytesValue":
+        return base64.b64decode(x)
+    return x  # referenceValue (a name), geoPointValue (a dict)
+
+
+def _timestamp(text: str) -> datetime:
+    """RFC 3339 with up to nanoseconds -> aware UTC datetime (microseconds: Firestore stores no finer)."""
+    head, _, frac = text.rstrip("Z").partition(".")
+    t = datetime.strptime(head, "%Y-%m-%dT%H:%M:%S")
+    return t.replace(microsecond=int((frac + "000000")[:6]) if frac else 0, tzinfo=timezone.utc)
+
+
+def _doc(raw: dict) -> Doc:
+    return Doc(raw["name"].rsplit("/", 1)[1], {k: _decode(v) for k, v in (raw.get("fields") or {}).items()},
+               raw.get("updateTime"))
