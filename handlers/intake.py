@@ -8,12 +8,13 @@ Steps, each recorded in the ledger before the next (README.md, "Reliability", ex
   2. call the Healthcare API export. STARTING means the call may have been made: if the process died
      before step 3, the next delivery looks the operation up with operations.list instead of
      exporting twice.
-  3. publish EXPORT_STARTED, then record the operation, the publication and the lease's release in one
-     write (or FAILED with the API's error and its event, then publish it and record that).
+  3. record the operation, EXPORT_STARTED and the lease's release in one write while publishing the
+     event, then record the publication (or FAILED with the API's error and its event, then publish
+     it and record that).
 Every write is conditioned on the version this delivery last read or wrote, and made only under its
 lease (leaseUntil/leaseOwner), so two deliveries of one request never work on it at once: the later
-one is redelivered by Pub/Sub. A fresh valid request costs two Firestore writes, one export call and
-one publish.
+one is redelivered by Pub/Sub. A fresh valid request costs an export call, three Firestore writes and
+a publish, in four sequential steps.
 """
 from __future__ import annotations
 
@@ -62,6 +63,20 @@ def dependencies():
                                     timeout_s=s.healthcare_http_timeout_s, budget_s=s.healthcare_retry_budget_s),
                          Events(project, s.events_topic))
     return _deps
+
+
+_pool = None
+
+
+def _executor():
+    """A few threads per instance, to publish an event while the ledger is written."""
+    global _pool
+    if _pool is None:
+        with _deps_lock:
+            if _pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+                _pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="publish")
+    return _pool
 
 
 # -- entry --------------------------------------------------------------------------------------------------
@@ -268,11 +283,15 @@ class Intake:
                  error=recorded["data"].get("error"))
 
     def started(self, item: L.Versioned, op: dict, version: str, *, recovered: bool = False) -> L.Versioned:
-        """Record the operation and publish EXPORT_STARTED. The event goes out first and is recorded as
-        published in the same write as the operation and the lease's release (one write, not three):
-        if the process dies between the two, the next delivery finds the operation again (find_operation)
-        and publishes the same event again, with the same eventId. If the publish fails, the operation
-        is recorded with the event unpublished, and Pub/Sub's redelivery publishes it."""
+        """Record the operation (with EXPORT_STARTED, unpublished, and the lease's release) while the event
+        is being published, then record the publication.
+
+        The first write closes the window in which a crash leaves an export that operations.list must
+        find again (find_operation), so it is made at once, not after the publish; running the publish
+        beside it costs no time. If the process dies after it, the poller (or a redelivery) publishes
+        the recorded event; if it dies after the publish but before the second write, the event is
+        published again with the same eventId. If the publish fails, Pub/Sub redelivers the request,
+        and the redelivery publishes the recorded event."""
         from handlers.adapters.events import PublishError
 
         meta = op.get("metadata") or {}
@@ -287,21 +306,32 @@ class Intake:
                   recovered=recovered)
         if self.pending(item.doc):  # an earlier event (none today) must go out first: record, then publish
             return self.update(item, updates)
+        publishing = _executor().submit(self.events.publish, built["data"], built["attributes"])
         try:
-            message_id = self.events.publish(built["data"], built["attributes"])
-        except PublishError as e:
-            logs.warning("could not publish the event; Pub/Sub will redeliver the request", problem=str(e),
+            new = self.update(item, updates, release=True)
+        finally:
+            try:
+                message_id, problem = publishing.result(), None
+            except PublishError as e:
+                message_id, problem = None, e
+        if problem is not None:
+            logs.warning("could not publish the event; Pub/Sub will redeliver the request", problem=str(problem),
                          eventType=ev.STARTED)
-            self.update(item, updates)
-            raise Redeliver(str(e)) from e
+            raise Redeliver(str(problem)) from problem
         self._published(ev.STARTED, built)
-        updates.update(self._publication(ev.STARTED, message_id))
-        new = self.update(item, updates, release=True)
         if new is None:
-            logs.warning("lost the lease before recording the operation; a redelivery finds it again and "
-                         "publishes the event again with the same eventId", eventType=ev.STARTED)
+            logs.warning("lost the lease before recording the operation; the delivery holding it publishes the "
+                         "event again, with the same eventId", eventType=ev.STARTED)
             return L.Versioned(L.apply_updates(item.doc, updates), None)
-        return new
+        publication = self._publication(ev.STARTED, message_id)
+        done = self.ledger.write(new, publication)
+        if done is None:  # the poller or a redelivery wrote since: record it unless one of them published it
+            key = ev.STARTED
+
+            def decide(doc):
+                return None if ((doc.get("events") or {}).get(key) or {}).get("published") else publication
+            _, done = self.ledger.update(item.request_id, decide)
+        return done or new
 
     def failed(self, item: L.Versioned, error: dict) -> L.Versioned:
         t = L.now()
