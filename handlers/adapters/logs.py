@@ -94,7 +94,9 @@ def entry(severity: str, message: str, **fields) -> dict:
 
 
 def log(severity: str, message: str, **fields) -> None:
-    line = json.dumps(entry(severity, message, **fields), default=str, ensure_ascii=False)
+    # ASCII only: a raw U+0085, U+2028 or U+2029 (from a hostile request's field name, say) would end the
+    # line for readers that split on Unicode line boundaries; Cloud Logging decodes the escapes.
+    line = json.dumps(entry(severity, message, **fields), default=str, ensure_ascii=True)
     line = scrub(line)
     with _lock:
         sys.stdout.write(line + "\n")

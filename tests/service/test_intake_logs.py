@@ -84,6 +84,18 @@ def _import_main(env: dict) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)
 
 
+def test_a_hostile_field_name_never_splits_the_log_line(capsys):
+    """A field name from a request can hold any character; U+0085 (NEL), U+2028 and U+2029 end a line for
+    readers that split on Unicode line boundaries (Python's str.splitlines among them). Each entry stays one
+    ASCII line, and decodes back to the same text."""
+    name = "bigqueryDestination.x\x85y\u2028z\u2029é\x1c"
+    logs.error(f"export request rejected: unknown field {name!s}", field=name)
+    out = capsys.readouterr().out
+    assert out.isascii() and len(out.splitlines()) == 1
+    line = json.loads(out)
+    assert line["field"] == name and line["message"].endswith(name)
+
+
 def test_main_imports_no_google_client():
     r = _import_main({})
     assert r.returncode == 0, r.stderr

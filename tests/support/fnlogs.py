@@ -18,7 +18,7 @@ def text(logs_dir, name: str, runs: int) -> str:
 def entries(log_text: str) -> list[dict]:
     """The JSON log entries among the lines (functions-framework's own lines are skipped)."""
     out = []
-    for line in log_text.splitlines():
+    for line in log_text.split("\n"):  # not splitlines(): that also splits on U+0085, U+2028, ...
         if line.startswith("{"):
             try:
                 out.append(json.loads(line))
