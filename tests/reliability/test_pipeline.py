@@ -110,6 +110,7 @@ def test_ambiguous_500_after_the_export_started_is_resolved_without_a_second_exp
     assert recovered > 0  # the ambiguous failures really happened (p of none at 50% over 20: 1e-6)
 
 
+@pytest.mark.timeout(120 + 30 * SIZES["kill_runs"])  # a run: kill, restart, leases expire, drive to the end
 def test_killed_intake_or_poller_loses_nothing(pipeline):
     """Item 3: K runs; in each, M requests, then the intake or the poller is SIGKILLed at a random moment
     (a seeded random delay: the fault's timing, not a synchronisation), restarted, and Pub/Sub redelivers."""
