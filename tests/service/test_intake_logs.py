@@ -75,6 +75,16 @@ def test_log_entry_shape_trace_and_scrubbing(capsys):
     assert "logging.googleapis.com/labels" not in json.loads(capsys.readouterr().out)
 
 
+def test_where_google_is_comes_from_the_environment():
+    import config
+    s = config.load({"FIRESTORE_EMULATOR_HOST": "127.0.0.1:8081", "STORAGE_EMULATOR_HOST": "http://localhost:4443/",
+                     "K_SERVICE": "export-request", "GCE_METADATA_HOST": "169.254.169.254", "FIRESTORE_DATABASE": "ledger"})
+    assert (s.firestore_emulator_host, s.storage_emulator_host, s.pubsub_emulator_host) == (
+        "127.0.0.1:8081", "localhost:4443", None)
+    assert s.on_google_cloud and s.metadata_host == "169.254.169.254" and s.firestore_database == "ledger"
+    assert not config.load({}).on_google_cloud and config.load({}).firestore_database == "(default)"
+
+
 def _import_main(env: dict) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("ALLOWED_", "HEALTHCARE_", "MAX_"))}
     return subprocess.run([sys.executable, "-c", "import sys, main; print(sorted(m for m in sys.modules "
@@ -105,7 +115,8 @@ def test_main_imports_no_google_client():
 @pytest.mark.parametrize("name, value", [
     ("HEALTHCARE_API_VERSION", "v2"), ("HEALTHCARE_API_ENDPOINT", "http://healthcare.example.com"),
     ("MAX_OPERATION_AGE_S", "soon"), ("DEFAULT_DICOM_STORE", "my-store"), ("EXPORT_EVENTS_TOPIC", "goog-x"),
-    ("INTAKE_LEASE_S", "1"),
+    ("INTAKE_LEASE_S", "1"), ("FIRESTORE_DATABASE", "My_DB"), ("FIRESTORE_EMULATOR_HOST", "localhost"),
+    ("PUBSUB_EMULATOR_HOST", "127.0.0.1:80/x"), ("GCE_METADATA_HOST", "http://metadata/"),
 ])
 def test_a_bad_setting_stops_the_function_naming_the_variable(name, value):
     r = _import_main({name: value})
