@@ -174,8 +174,11 @@ class Intake:
     def acquire(self, item: L.Versioned) -> L.Versioned:
         if item.doc.get("leaseOwner") == self.owner:
             return item
+        # Taking over a STARTING request is a recovery: say so, so that another recovery of the same
+        # dataset never waits for this one (two recoveries waiting for each other would wait for ever).
+        marks = {"recoveringBy": self.owner} if item.doc["state"] == L.STARTING else None
         claimed = self.ledger.claim(item.request_id, owner=self.owner, lease_s=self.s.intake_lease_s,
-                                    states=(item.doc["state"],), current=item)
+                                    states=(item.doc["state"],), current=item, updates=marks)
         if claimed is None:
             current = self.ledger.get(item.request_id) or item.doc
             logs.info("another delivery holds this request's lease; asking Pub/Sub to redeliver",
@@ -220,7 +223,8 @@ class Intake:
                     if found is not None:
                         return self.started(item, found, version, recovered=True)
                 t = L.now()
-                attempt = {"state": L.STARTING, "lastAttemptAt": t, "attempts": int(item.doc.get("attempts") or 0) + 1}
+                attempt = {"state": L.STARTING, "lastAttemptAt": t, "attempts": int(item.doc.get("attempts") or 0) + 1,
+                           "recoveringBy": L.DELETE}  # an export call again: others of the dataset wait for it
                 if not item.doc.get("firstAttemptAt"):
                     attempt["firstAttemptAt"] = t
                 item = self.update(item, attempt)
@@ -358,8 +362,9 @@ class Intake:
 
         Operations carry no request id, so: list the dataset's export operations created since the
         first attempt (minus clock skew) that no ledger document claims. If another request of the
-        same dataset is mid-call, wait for it (redeliver); one candidate is ours; none means nothing
-        started; several cannot be told apart, so fail rather than risk exporting twice."""
+        same dataset may be mid-call (a live lease, not a recovery like this one), wait for it
+        (redeliver); one candidate and no other request in STARTING is ours; none means nothing
+        started; otherwise they cannot be told apart, so fail rather than risk exporting twice."""
         dataset = _dataset_of(doc["request"]["dicomStore"])
         since = (doc.get("firstAttemptAt") or doc.get("lastAttemptAt") or L.now()) - CLOCK_SKEW
         candidates = []
@@ -372,7 +377,11 @@ class Intake:
         others = [d for d in self.ledger.in_state(L.STARTING, hcDataset=dataset)
                   if d["requestId"] != doc["requestId"] and (d.get("publishTime") or recent) >= recent]
         candidates = [op for op in candidates if self.ledger.find_by_operation(op["name"]) is None]
-        if any(d.get("leaseUntil") and d["leaseUntil"] > L.now() for d in others):
+        # Wait for a delivery that may be in its export call (it records its operation in a moment), but
+        # never for another recovery: that one is doing just this, and would wait for us in turn.
+        t = L.now()
+        if any(d.get("leaseUntil") and d["leaseUntil"] > t and d.get("recoveringBy") != d.get("leaseOwner")
+               for d in others):
             logs.info("another request of the same dataset is starting its export; waiting for it",
                       candidates=len(candidates))
             raise Redeliver("another export on the dataset is being started")

@@ -81,10 +81,10 @@ def firestore_client(project: str | None) -> Firestore:
         with _clients_lock:
             client = _clients.get(project)
             if client is None:
-                if project is None:
-                    import config
-                    project = config.project_id(config.get())
-                client = _clients[project] = Firestore(project)
+                import config
+                resolved = project or config.project_id(config.get())
+                client = _clients.get(resolved) or Firestore(resolved)
+                _clients[project] = _clients[resolved] = client
     return client
 
 

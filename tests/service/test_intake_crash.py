@@ -117,6 +117,50 @@ def test_an_operation_claimed_by_another_request_is_not_adopted(crash_function, 
     assert request_counts(hc.url)[store] == {"export.calls": 2, "export": 2}
 
 
+def test_two_recoveries_of_one_dataset_never_wait_for_each_other(crash_function, hcapi, hc):
+    """Two requests of one dataset died between their export calls and recording them; their redeliveries
+    run at the same time. Each holds its own lease while it looks: if each waited for the other's live lease,
+    both would wait for ever (the reliability suite's kill test found it). A recovery waits only for a
+    delivery that may be in its export call, so this one ends now, while the other's lease is still live:
+    two candidate operations, two requests, no way to tell them apart, so EXPORT_FAILED (code 10)."""
+    f, dataset = crash_function, hcapi.dataset()
+    store = hcapi.store(dataset)
+    rid, other_rid = unique("rec-a"), unique("rec-b")
+    t = L.now()
+    body, _ = _seed(f, store, rid, L.STARTING, firstAttemptAt=t, lastAttemptAt=t, attempts=1)
+    other, _ = _seed(f, store, other_rid, L.STARTING, firstAttemptAt=t, lastAttemptAt=t, attempts=1)
+    f.ledger.update(other_rid, lambda d: {"leaseOwner": "recovery-elsewhere", "recoveringBy": "recovery-elsewhere",
+                                          "leaseUntil": L.now() + timedelta(minutes=10)})
+    for b in (body, other):  # what the two dead processes had started
+        hcapi.export(store, {"bigqueryDestination": b["bigqueryDestination"]}).raise_for_status()
+    f.publish(body)
+    [e] = f.events(1, timeout=30, where=lambda e: e["attributes"]["requestId"] == rid)
+    assert e["attributes"]["eventType"] == "EXPORT_FAILED" and e["data"]["error"]["code"] == 10
+    assert "cannot tell which of 2 export operations" in e["data"]["error"]["message"]
+    assert f.ledger.get(other_rid)["leaseUntil"] > L.now()  # it did not wait for the other's lease
+    assert request_counts(hc.url)[store] == {"export.calls": 2, "export": 2}  # the dead processes' only
+
+
+def test_a_recovery_waits_for_a_delivery_in_its_export_call(crash_function, hcapi, hc):
+    """The other request's live lease belongs to a first delivery (not a recovery): it may be in its export
+    call, about to record the operation, so the recovery waits (503, redelivered) instead of guessing."""
+    f, dataset = crash_function, hcapi.dataset()
+    store = hcapi.store(dataset)
+    rid, other_rid = unique("wait-a"), unique("wait-b")
+    t = L.now()
+    body, _ = _seed(f, store, rid, L.STARTING, firstAttemptAt=t, lastAttemptAt=t, attempts=1)
+    _seed(f, store, other_rid, L.STARTING, firstAttemptAt=t, lastAttemptAt=t, attempts=1)
+    f.ledger.update(other_rid, lambda d: {"leaseOwner": "first-delivery", "leaseUntil": L.now() + timedelta(minutes=10)})
+    f.publish(body)
+    wait_for(lambda: sum(1 for x in f.log_entries() if x["message"].startswith("another request of the same dataset")
+                         and x["logging.googleapis.com/labels"]["requestId"] == rid) >= 2, what="two waits")
+    assert f.ledger.get(rid)["state"] == L.STARTING and store not in request_counts(hc.url)
+    f.ledger.update(other_rid, lambda d: {"state": L.FAILED})  # the other one is done: this one goes on
+    [e] = f.events(1, timeout=30, where=lambda e: e["attributes"]["requestId"] == rid)
+    assert e["attributes"]["eventType"] == "EXPORT_STARTED"
+    assert request_counts(hc.url)[store] == {"export.calls": 1, "export": 1}
+
+
 def test_died_after_recording_started_before_publishing(crash_function, hcapi, hc):
     """Also the window "published, publication not recorded": the event goes out (again) with
     the same eventId, and the API is not called."""
