@@ -7,7 +7,8 @@ seconds to every operations call and keeps exports running (slow-export mode), t
 
   1. `--requests` running exports, one ledger document each, all due;
   2. baseline A, "sequential": one request after the other, the straightforward way: claim it
-     (Ledger.claim, a transaction), operations.get, record its next poll (Ledger.release, a transaction);
+     (Ledger.claim: a read and a conditional write), operations.get, record its next poll (Ledger.release:
+     a read and a conditional write);
   3. baseline B: the poller's own code with POLL_CONCURRENCY=1 (pages, batched ledger writes, one GET
      at a time);
   4. one poll run with the default settings (POLL_CONCURRENCY=16) over the same set, made due again;
@@ -131,8 +132,8 @@ def run(args, hc_url: str) -> dict:
         t = time.monotonic()
         for i in range(args.requests):
             rid = f"r{i:05d}"
-            doc = ledger.claim(rid, owner="sequential", lease_s=60)
-            naive_hc.get_operation(doc["operation"], max_attempts=1)
+            claimed = ledger.claim(rid, owner="sequential", lease_s=60)
+            naive_hc.get_operation(claimed.doc["operation"], max_attempts=1)
             ledger.release(rid, owner="sequential", updates={"nextPollAt": L.now() + timedelta(seconds=1.4),
                                                              "pollInterval": 1.4, "lastPolledAt": L.now()})
         out["sequentialS"] = round(time.monotonic() - t, 3)
