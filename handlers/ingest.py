@@ -38,6 +38,7 @@ import config
 from handlers.adapters import ingest_ledger as IL
 from handlers.event import received
 from handlers.adapters import logs
+from handlers.lazy import once
 
 NOTIFICATION_RE = re.compile(
     r"^(projects/[^/\s]+/locations/[^/\s]+/datasets/[^/\s]+/dicomStores/[^/\s]+)"
@@ -80,25 +81,17 @@ def arrival_id(resource: str, kind: str, version: str) -> str:
 
 
 # -- clients: created once per instance, on first use ---------------------------------------------------
-_deps = None
-_deps_lock = threading.Lock()
-
-
+@once
 def dependencies():
     """(ingest ledger, request ledger, filter files, requests publisher) for this instance."""
-    global _deps
-    if _deps is None:
-        with _deps_lock:
-            if _deps is None:
-                from handlers.adapters.events import Events
-                from handlers.adapters.gcs import FilterFiles
-                from handlers.adapters.ledger import Ledger
-                s = config.get()
-                project = config.project_id(s)
-                ledger = Ledger(s.ledger_collection, project)
-                _deps = (IL.IngestLedger(s.ledger_collection, project, client=ledger.client()), ledger,
-                         FilterFiles(s.ingest_filter_bucket or "", project), Events(project, s.requests_topic))
-    return _deps
+    from handlers.adapters.events import Events
+    from handlers.adapters.gcs import FilterFiles
+    from handlers.adapters.ledger import Ledger
+    s = config.get()
+    project = config.project_id(s)
+    ledger = Ledger(s.ledger_collection, project)
+    return (IL.IngestLedger(s.ledger_collection, project, client=ledger.client()), ledger,
+            FilterFiles(s.ingest_filter_bucket or "", project), Events(project, s.requests_topic))
 
 
 # -- entry points --------------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ import binascii
 import hashlib
 import os
 import socket
-import threading
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -33,6 +32,7 @@ from handlers import event as ev
 from handlers import request as req
 from handlers.adapters import ledger as L
 from handlers.adapters import logs
+from handlers.lazy import once
 
 INSTANCE = f"{socket.gethostname()}:{os.getpid()}"
 CLOCK_SKEW = timedelta(seconds=60)  # tolerance between our clock and the API's createTime
@@ -44,39 +44,24 @@ class Redeliver(Exception):
 
 
 # -- clients: created once per instance, on first use ---------------------------------------------------
-_deps = None
-_deps_lock = threading.Lock()
-
-
+@once
 def dependencies():
     """(ledger, healthcare, events) for this instance."""
-    global _deps
-    if _deps is None:
-        with _deps_lock:
-            if _deps is None:
-                from handlers.adapters.events import Events
-                from handlers.adapters.healthcare import Healthcare
-                s = config.get()
-                project = config.project_id(s)
-                _deps = (L.Ledger(s.ledger_collection, project),
-                         Healthcare(s.healthcare_endpoint, s.healthcare_version, local=s.healthcare_is_local,
-                                    timeout_s=s.healthcare_http_timeout_s, budget_s=s.healthcare_retry_budget_s),
-                         Events(project, s.events_topic))
-    return _deps
+    from handlers.adapters.events import Events
+    from handlers.adapters.healthcare import Healthcare
+    s = config.get()
+    project = config.project_id(s)
+    return (L.Ledger(s.ledger_collection, project),
+            Healthcare(s.healthcare_endpoint, s.healthcare_version, local=s.healthcare_is_local,
+                       timeout_s=s.healthcare_http_timeout_s, budget_s=s.healthcare_retry_budget_s),
+            Events(project, s.events_topic))
 
 
-_pool = None
-
-
+@once
 def _executor():
     """A few threads per instance, to publish an event while the ledger is written."""
-    global _pool
-    if _pool is None:
-        with _deps_lock:
-            if _pool is None:
-                from concurrent.futures import ThreadPoolExecutor
-                _pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="publish")
-    return _pool
+    from concurrent.futures import ThreadPoolExecutor
+    return ThreadPoolExecutor(max_workers=8, thread_name_prefix="publish")
 
 
 # -- entry --------------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ import config
 from handlers import event as ev
 from handlers.adapters import ledger as L
 from handlers.adapters import logs
+from handlers.lazy import once
 
 INSTANCE = f"{socket.gethostname()}:{os.getpid()}"
 BACKOFF = 1.4  # gcloud's waiter: x1.4 per poll, capped (POLL_MAX_INTERVAL_S, default 180 s)
@@ -52,18 +53,10 @@ GONE_HINT = ("The API keeps an operation's record for about 30 days after it end
 
 
 # -- clients: created once per instance, on first use ---------------------------------------------------
-_deps = None
-_deps_lock = threading.Lock()
-
-
-def dependencies(settings=None):
+@once
+def dependencies():
     """(ledger, healthcare, events) of this instance (created on the first tick, then reused)."""
-    global _deps
-    if _deps is None:
-        with _deps_lock:
-            if _deps is None:
-                _deps = clients(settings or config.get())
-    return _deps
+    return clients(config.get())
 
 
 def clients(s) -> tuple:
@@ -85,7 +78,7 @@ def handle(cloud_event) -> dict:
     s = config.get()
     trace, span = logs.trace_from(cloud_event, s.project)
     try:
-        deps = dependencies(s)
+        deps = dependencies()
     except Exception as e:  # noqa: BLE001 - e.g. no project: logged, and the tick is acknowledged
         logs.error(f"the poller cannot start: {type(e).__name__}: {e}")
         return {}

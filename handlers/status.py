@@ -8,30 +8,22 @@ lease, hash or raw event bodies. The function is deployed without public access 
 from __future__ import annotations
 
 import json
-import threading
 from datetime import datetime, timezone
 
 import config
 from handlers.adapters import ledger as L
 from handlers.adapters import logs
 from handlers.event import counter_ints
+from handlers.lazy import once
 from handlers.request import REQUEST_ID_RE
 
 HEADERS = {"Content-Type": "application/json; charset=utf-8", "Cache-Control": "no-store",
            "X-Content-Type-Options": "nosniff"}
 
-_ledger = None
-_lock = threading.Lock()
-
-
+@once
 def ledger() -> L.Ledger:
-    global _ledger
-    if _ledger is None:
-        with _lock:
-            if _ledger is None:
-                s = config.get()
-                _ledger = L.Ledger(s.ledger_collection, s.project)
-    return _ledger
+    s = config.get()
+    return L.Ledger(s.ledger_collection, s.project)
 
 
 def handle(request):

@@ -22,6 +22,7 @@ import threading
 import time
 
 import config
+from handlers.lazy import once
 
 SCOPES = "https://www.googleapis.com/auth/cloud-platform"
 RETRYABLE = frozenset({408, 429, 500, 502, 503, 504})
@@ -44,25 +45,17 @@ class TokenError(Exception):
 
 
 # -- the session -------------------------------------------------------------------------------------------
-_session = None
-_session_lock = threading.Lock()
-
-
+@once
 def session():
     """The process's requests.Session, keeping enough connections per host for the poller's
     POLL_CONCURRENCY calls at once (requests keeps only 10 by default)."""
-    global _session
-    if _session is None:
-        with _session_lock:
-            if _session is None:
-                import requests
-                from requests.adapters import HTTPAdapter
-                s = requests.Session()
-                size = max(32, config.get().poll_concurrency + 8)
-                for prefix in ("https://", "http://"):
-                    s.mount(prefix, HTTPAdapter(pool_connections=8, pool_maxsize=size))
-                _session = s
-    return _session
+    import requests
+    from requests.adapters import HTTPAdapter
+    s = requests.Session()
+    size = max(32, config.get().poll_concurrency + 8)
+    for prefix in ("https://", "http://"):
+        s.mount(prefix, HTTPAdapter(pool_connections=8, pool_maxsize=size))
+    return s
 
 
 # -- tokens ------------------------------------------------------------------------------------------------
@@ -164,18 +157,11 @@ class Adc(_Cached):
         return self._credentials.token, max(lifetime, self.MARGIN_S + 1.0)
 
 
-_cloud: Tokens | None = None
-
-
+@once
 def cloud_tokens() -> Tokens:
     """The process's token source for Google's own endpoints."""
-    global _cloud
-    if _cloud is None:
-        with _session_lock:
-            if _cloud is None:
-                s = config.get()
-                _cloud = Metadata(s.metadata_host) if s.on_google_cloud and not s.credentials_file else Adc()
-    return _cloud
+    s = config.get()
+    return Metadata(s.metadata_host) if s.on_google_cloud and not s.credentials_file else Adc()
 
 
 # -- calls -------------------------------------------------------------------------------------------------
