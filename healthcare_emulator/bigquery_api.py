@@ -36,6 +36,7 @@ from functools import lru_cache
 
 from werkzeug.wrappers import Request, Response
 
+from . import iam, iam_api
 from .errors import ApiError
 
 MAX_JOBS = 500                 # query jobs (and their result rows) kept in memory
@@ -51,6 +52,8 @@ ROUTES = [
     ("GET", re.compile(rf"^projects/{SEG}/datasets$"), "list_datasets"),
     ("GET", re.compile(rf"^projects/{SEG}/datasets/{SEG}$"), "get_dataset"),
     ("DELETE", re.compile(rf"^projects/{SEG}/datasets/{SEG}$"), "delete_dataset"),
+    ("PATCH", re.compile(rf"^projects/{SEG}/datasets/{SEG}$"), "patch_dataset"),
+    ("PUT", re.compile(rf"^projects/{SEG}/datasets/{SEG}$"), "update_dataset"),
     ("POST", re.compile(rf"^projects/{SEG}/datasets/{SEG}/tables$"), "insert_table"),
     ("GET", re.compile(rf"^projects/{SEG}/datasets/{SEG}/tables$"), "list_tables"),
     ("GET", re.compile(rf"^projects/{SEG}/datasets/{SEG}/tables/{SEG}$"), "get_table"),
@@ -363,11 +366,12 @@ class BigQueryService:
                "datasetReference": dict(ref), "location": meta.get("location", "US"),
                "creationTime": str(meta.get("creationTime", 0)),
                "lastModifiedTime": str(meta.get("lastModifiedTime", 0)),
-               "access": [], "type": "DEFAULT"}
+               "access": iam_api.dataset_access(meta), "type": "DEFAULT"}
         if meta.get("labels"):
             out["labels"] = dict(meta["labels"])
-        if meta.get("description") is not None:
-            out["description"] = meta["description"]
+        for key in ("description", "friendlyName"):
+            if meta.get(key) is not None:
+                out[key] = meta[key]
         out["etag"] = _etag(out)
         return out
 
@@ -383,11 +387,20 @@ class BigQueryService:
         kw = {"location": body.get("location") or "US", "labels": body.get("labels") or {}}
         if body.get("description") is not None:
             kw["description"] = body["description"]
+        access = iam_api.checked_access(body)
         try:
             meta = self.wh.create_dataset(project, dataset, **kw)
+            if access is not None:
+                meta = self.wh.update_dataset(project, dataset, lambda m: m.__setitem__("access", access))
         except Exception as e:
             raise _from_warehouse(e) from None
         return _json(self._dataset_resource(meta, request))
+
+    def patch_dataset(self, request: Request, project: str, dataset: str) -> Response:
+        return iam_api.update_dataset(self, request, project, dataset, replace=False)
+
+    def update_dataset(self, request: Request, project: str, dataset: str) -> Response:
+        return iam_api.update_dataset(self, request, project, dataset, replace=True)
 
     def get_dataset(self, request: Request, project: str, dataset: str) -> Response:
         return _json(self._dataset_resource(self._require_dataset(project, dataset), request))
@@ -431,7 +444,7 @@ class BigQueryService:
         except OSError:
             pass
         items = [{"kind": "bigquery#project", "id": p,
-                  "numericId": str(int(hashlib.sha1(p.encode()).hexdigest()[:10], 16)),
+                  "numericId": iam.project_number(p),
                   "projectReference": {"projectId": p}, "friendlyName": p} for p in sorted(ids)]
         out = self._page(request, items, "projects", {"kind": "bigquery#projectList"})
         out["totalItems"] = len(items)
@@ -784,7 +797,7 @@ def _handle(app, request: Request) -> Response:
         api = "bigquery" if version == "v2" else "healthcare"
         return discovery_document(api, version, request.host_url)
     if m := re.match(r"^/discovery/v1/apis/([a-z]+)/([a-z0-9]+)/rest$", path):
-        if m.group(1) not in ("bigquery", "healthcare"):
+        if m.group(1) not in ("bigquery", "healthcare", "cloudresourcemanager"):
             raise BqError("NOT_FOUND", f"No discovery document for {m.group(1)} in this emulator.")
         return discovery_document(m.group(1), m.group(2), request.host_url)
     m = re.match(r"^/bigquery/v2/(.*?)/?$", path)

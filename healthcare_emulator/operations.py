@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from werkzeug.wrappers import Request, Response
 
-from . import messages
+from . import iam_api, messages
 from .errors import ApiError, invalid, not_found
 
 PROJECT_RE = re.compile(r"^(?:[a-z][a-z0-9.\-]*[a-z0-9]:)?[a-z][a-z0-9\-]{4,28}[a-z0-9]$")
@@ -412,6 +412,7 @@ class Operations:
         wh = self.warehouse
         wh.get_dataset(project, dataset)  # a missing dataset fails here, before any work
         existing = wh.get_table(project, dataset, table)
+        iam_api.check_export(self.app, name, store, project, dataset, existing is not None)  # --enforce-iam
         if existing is not None:
             if if_exists == "error":
                 raise ApiError("ALREADY_EXISTS", f"Destination table {dest['tableUri']} already exists and force "
