@@ -14,8 +14,15 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stack.services import ROOT, Service, firestore_emulator, free_port, gcs_emulator, healthcare_emulator, \
-    pubsub_emulator
+from stack.services import (
+    ROOT,
+    Service,
+    firestore_emulator,
+    free_port,
+    gcs_emulator,
+    healthcare_emulator,
+    pubsub_emulator,
+)
 
 PROJECT = "demo-project"
 LOCATION = "us-central1"
@@ -23,6 +30,7 @@ REQUESTS_TOPIC = "dicom-export-requests"
 EVENTS_TOPIC = "dicom-export-events"
 POLL_TOPIC = "dicom-export-poll"
 NOTIFY_TOPIC = "dicom-store-notifications"
+DEAD_LETTER_TOPIC = "dicom-export-dead-letter"
 WATCH_SUB = "dicom-export-events-watch"
 FF = str(Path(sys.executable).parent / "functions-framework")
 
@@ -96,7 +104,11 @@ class Stack:
         """What a client needs to talk to this stack (printed by `make up`)."""
         return {"PUBSUB_EMULATOR_HOST": self.pubsub.host_port, "FIRESTORE_EMULATOR_HOST": self.firestore.host_port,
                 "STORAGE_EMULATOR_HOST": self.gcs.url, "GOOGLE_CLOUD_PROJECT": PROJECT,
-                "HEALTHCARE_API_ENDPOINT": self.hc.url}
+                "HEALTHCARE_API_ENDPOINT": self.hc.url, "BIGQUERY_API_ENDPOINT": self.hc.url,
+                "RESOURCE_MANAGER_API_ENDPOINT": self.hc.url,
+                # deploy.sh's names, for `python -m stack preflight`
+                "POLL_TOPIC": POLL_TOPIC, "DEAD_LETTER_TOPIC": DEAD_LETTER_TOPIC,
+                **({"INGEST_TOPIC": NOTIFY_TOPIC} if self.ingest_routes else {})}
 
     def function_env(self) -> dict:
         return {**self.client_env(), "EXPORT_REQUESTS_TOPIC": REQUESTS_TOPIC, "EXPORT_EVENTS_TOPIC": EVENTS_TOPIC,
@@ -109,15 +121,19 @@ class Stack:
 
         self.publisher = pubsub_v1.PublisherClient()
         self.subscriber = pubsub_v1.SubscriberClient()
-        for t in (REQUESTS_TOPIC, EVENTS_TOPIC, POLL_TOPIC, NOTIFY_TOPIC):
+        for t in (REQUESTS_TOPIC, EVENTS_TOPIC, POLL_TOPIC, NOTIFY_TOPIC, DEAD_LETTER_TOPIC):
             self.publisher.create_topic(name=self.topic(t))
         self.subscriber.create_subscription(name=self.subscription(WATCH_SUB), topic=self.topic(EVENTS_TOPIC),
                                             ack_deadline_seconds=60)
+        # as deploy.sh: what the functions cannot take after 10 deliveries is kept on the dead-letter topic
+        self.subscriber.create_subscription(name=self.subscription(f"{DEAD_LETTER_TOPIC}-hold"),
+                                            topic=self.topic(DEAD_LETTER_TOPIC))
 
     def _push(self, topic: str, endpoint: str, name: str) -> None:
         self.subscriber.create_subscription(request={
             "name": self.subscription(name), "topic": self.topic(topic), "ack_deadline_seconds": 60,
-            "push_config": {"push_endpoint": endpoint}})
+            "push_config": {"push_endpoint": endpoint},
+            "dead_letter_policy": {"dead_letter_topic": self.topic(DEAD_LETTER_TOPIC), "max_delivery_attempts": 10}})
 
     @staticmethod
     def topic(t: str) -> str:
