@@ -174,7 +174,7 @@ class Preflight:
     def read(self, url: str, what: str, fix: str) -> tuple[bool, dict | None]:
         """(True, body or None for 404), or (False, None) after recording the failure as a ✗."""
         try:
-            return True, self.http.get(url, what)
+            return True, self.http.get(url, "it")
         except CallFailed as e:
             self.add(what, False, str(e), fix)
             return False, None
