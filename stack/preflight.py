@@ -429,7 +429,8 @@ class Preflight:
         p, r, topic = self.t.project, self.t.region, self.t.topics["poll"]
         what = f"Cloud Scheduler job {SCHEDULER_JOB} ({r}) publishes to {topic}"
         fix = cmd("gcloud", "scheduler", "jobs", "create", "pubsub", SCHEDULER_JOB, f"--location={r}",
-                  "--schedule=* * * * *", f"--topic={topic}", '--message-body={"tick":true}', f"--project={p}")
+                  "--schedule=* * * * *", f"--topic=projects/{p}/topics/{topic}", '--message-body={"tick":true}',
+                  f"--project={p}")
         ok, job = self.read(f"https://cloudscheduler.googleapis.com/v1/projects/{p}/locations/{r}/jobs/"
                             f"{SCHEDULER_JOB}", what, fix)
         if ok:
