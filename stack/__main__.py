@@ -175,6 +175,8 @@ def cmd_status(args) -> int:
 
 def cmd_preflight(args) -> int:
     from stack import preflight
+    if not args.project and STATE.exists() and not os.environ.get("HEALTHCARE_API_ENDPOINT"):
+        _stack()  # `make up` is running: check it, with the environment submit and watch use
     return preflight.main(args)
 
 
