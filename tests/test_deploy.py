@@ -15,9 +15,10 @@ def dry_run(*args: str, env: dict | None = None) -> list[str]:
     """Run deploy.sh --dry-run with a `gcloud` first on PATH that records any call: none may happen."""
     with tempfile.TemporaryDirectory() as tmp:
         called = Path(tmp) / "called"
-        fake = Path(tmp) / "gcloud"
-        fake.write_text(f'#!/bin/sh\necho "$@" >> {called}\nexit 1\n')
-        fake.chmod(0o755)
+        for name in ("gcloud", "bq"):
+            fake = Path(tmp) / name
+            fake.write_text(f'#!/bin/sh\necho "$@" >> {called}\nexit 1\n')
+            fake.chmod(0o755)
         r = subprocess.run(["bash", str(ROOT / "deploy.sh"), "--dry-run", *args], capture_output=True, text=True,
                            env={"PATH": f"{tmp}:/usr/bin:/bin", **(env or {})}, timeout=60)
         assert r.returncode == 0, r.stderr
@@ -43,26 +44,27 @@ def test_dry_run_plans_everything_and_runs_nothing():
     assert "firestore databases create --location=europe-west4" in text
     assert "iam roles create dicomExportRunner" in text
     assert "healthcare.dicomStores.export" in text
-    # the Cloud Healthcare Service Agent gets BigQuery roles on every destination project
+    # the Cloud Healthcare Service Agent runs jobs in every destination project (the datasets: see below)
     for project in ("my-proj-1", "analytics-proj"):
-        for role in ("roles/bigquery.dataEditor", "roles/bigquery.jobUser"):
-            assert any(f"projects add-iam-policy-binding {project}" in c and "gcp-sa-healthcare" in c and role in c
-                       for c in cmds), (project, role)
+        assert any(f"projects add-iam-policy-binding {project}" in c and "gcp-sa-healthcare" in c
+                   and "roles/bigquery.jobUser" in c for c in cmds), project
+    assert not any("projects add-iam-policy-binding" in c and "bigquery.dataEditor" in c for c in cmds)
     assert any("gs://my-filters" in c and "roles/storage.objectViewer" in c and "gcp-sa-healthcare" in c
                for c in cmds)
     deploys = [c for c in cmds if " functions deploy " in c]
     names = [c.split(" functions deploy ")[1].split()[0] for c in deploys]
-    assert names == ["export_request", "poll_exports", "export_status", "ingest_notification"]
+    assert names == ["export_request", "poll_exports", "reconcile_tables", "export_status", "ingest_notification"]
     for c in deploys:
         assert "--gen2" in c and "--runtime=python312" in c and "--region=europe-west4" in c
         assert "--service-account=dicom-export@my-proj-1.iam.gserviceaccount.com" in c
-    for name in ("export_request", "poll_exports", "ingest_notification"):
+    for name in ("export_request", "poll_exports", "reconcile_tables", "ingest_notification"):
         c = next(c for c in deploys if f"deploy {name} " in c)
         assert "--retry" in c and "--trigger-topic=" in c
-        assert any("--dead-letter-topic=dicom-export-dead-letter" in d and name in d for d in cmds)
+        assert any("--dead-letter-topic=dicom-export-dead-letter" in d and name.replace("_", "-") in d for d in cmds)
     status = next(c for c in deploys if "deploy export_status " in c)
     assert "--trigger-http" in status and "--no-allow-unauthenticated" in status
     assert "scheduler jobs create pubsub dicom-export-poll" in text
+    assert "scheduler jobs create pubsub dicom-export-reconcile" in text and "--topic=dicom-export-reconcile" in text
     # ingest: its indexes, TTLs and the filter files' lifecycle
     assert "--collection-group=dicomExports-ingestArrivals" in text and "field-path=arrivedAt" in text
     assert "--collection-group=dicomExports-ingestBatches" in text and "field-path=readyAt" in text
