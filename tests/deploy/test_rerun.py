@@ -9,6 +9,7 @@ feeding '' to the next command. That the commands are well-formed is test_gcloud
 """
 from __future__ import annotations
 
+import re
 import subprocess
 import tempfile
 from collections import Counter
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy.plan import DEPLOY
+from tests.deploy.plan import DEPLOY, dry_run
 
 STAND_IN = r'''#!/bin/bash
 # Records its argv (fields ended by \037, one call a line), then answers like Google Cloud would.
@@ -162,3 +163,28 @@ def number(project: str) -> int:
     for ch in project:
         h = (h * 31 + ord(ch)) % 1000000007
     return h
+
+
+def _same_form(argv) -> tuple[str, ...]:
+    """An argv with what only a real project can answer (numbers, trigger and subscription names, temp files)
+    reduced to one placeholder each, so a dry run's line and a real run's call compare equal."""
+    out = []
+    for a in argv:
+        a = re.sub(r"service-(NUMBER-OF-[a-z0-9-]+|\d+)@", "service-N@", a)
+        a = re.sub(r"projects/[^/]+/subscriptions/(EVENTARC-SUBSCRIPTION-OF-|eventarc-sub-of-trigger-)", "SUB-", a)
+        a = re.sub(r"^(TRIGGER-OF-|trigger-)", "TRIGGER-", a)
+        a = re.sub(r"=/\S*/tmp\.\w+$", "=FILE", a)
+        out.append(a)
+    return tuple(out)
+
+
+@pytest.mark.parametrize("mode, shown", [("absent", {None, "absent"}), ("exists", {None, "present"})])
+def test_a_real_run_issues_exactly_what_the_dry_run_printed(mode, shown):
+    """--dry-run is what the parse check and the reader rely on: a real run (lookups answered "absent" or
+    "exists") issues the same calls, lookups included, in the same order."""
+    plan = dry_run(*ARGS)
+    expected = [_same_form(s.argv) for s in plan.steps if s.cond in shown]
+    assert len(expected) > 50
+    r, calls = deploy(mode, *ARGS)
+    assert r.returncode == 0, r.stderr
+    assert [_same_form(c) for c in calls] == expected
