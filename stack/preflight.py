@@ -116,8 +116,9 @@ def target(settings, args) -> Target:
     local = settings.healthcare_is_local
     routes = dict(settings.ingest_routes)
     routed = tuple(dict.fromkeys(uri[5:].rsplit(".", 1)[0] for uri in routes.values()))
+    hc_sets = tuple(d.strip() for d in (args.healthcare_datasets or "").split(",") if d.strip())
     stores = [*routes, *([settings.default_dicom_store] if settings.default_dicom_store else []),
-              *settings.allowed_dicom_stores]
+              *settings.allowed_dicom_stores, *hc_sets]
     store_projects = tuple(dict.fromkeys(p for s in stores if (p := _literal_project(s)))) or (project,)
     topics = {"requests": settings.requests_topic, "events": settings.events_topic, "poll": args.poll_topic,
               "deadLetter": args.dead_letter_topic}
@@ -137,7 +138,7 @@ def target(settings, args) -> Target:
         firestore_database=settings.firestore_database, topics=topics,
         dataset_patterns=tuple(dict.fromkeys((*settings.allowed_bq_datasets, *routed))), routes=routes,
         store_projects=store_projects,
-        healthcare_datasets=tuple(d.strip() for d in (args.healthcare_datasets or "").split(",") if d.strip()))
+        healthcare_datasets=hc_sets)
 
 
 def _endpoint(settings, attr: str, name: str, default: str) -> str:
@@ -258,7 +259,7 @@ class Preflight:
 
     def check_dataset_write(self, agent: str, project: str, dataset: str, meta: dict) -> None:
         what = f"{agent} can write BigQuery dataset {project}:{dataset}"
-        fix = cmd("bq", "add-iam-policy-binding", f"--member=serviceAccount:{agent}",
+        fix = cmd("bq", f"--project_id={project}", "add-iam-policy-binding", "--dataset", f"--member=serviceAccount:{agent}",
                   "--role=roles/bigquery.dataEditor", f"{project}:{dataset}")
         policy = self.policy(project)
         if isinstance(policy, CallFailed):

@@ -115,7 +115,8 @@ def test_google_cloud_mode_checks_and_their_fixes():
     failed = {r.what: r for r in results if not r.ok}
     agent = "service-123456789012@gcp-sa-healthcare.iam.gserviceaccount.com"
     assert failed[f"{agent} can write BigQuery dataset pf-proj:imaging"].fix == (
-        f"bq add-iam-policy-binding --member=serviceAccount:{agent} --role=roles/bigquery.dataEditor pf-proj:imaging")
+        f"bq --project_id=pf-proj add-iam-policy-binding --dataset --member=serviceAccount:{agent} "
+        "--role=roles/bigquery.dataEditor pf-proj:imaging")
     assert failed[f"{agent} can run BigQuery jobs in project pf-proj"].fix.startswith(
         "gcloud projects add-iam-policy-binding pf-proj")
     assert failed[f"DICOM store {STORE} notifies projects/pf-proj/topics/dicom-stored"].reason == \

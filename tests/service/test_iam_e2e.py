@@ -120,7 +120,8 @@ def test_missing_grants_fail_with_the_remedy_preflight_names_them_and_granting_f
     f = dicom_files.with_uids(dicom_files.path("CT_small.dcm"), tmp_path / "a.dcm")
     assert api.stow(store, [f]).status_code == 200
     table_uri = f"bq://{PROJECT}.{dataset}.dicom"
-    write_fix = (f"bq add-iam-policy-binding --member=serviceAccount:{AGENT} --role=roles/bigquery.dataEditor "
+    write_fix = (f"bq --project_id={PROJECT} add-iam-policy-binding --dataset --member=serviceAccount:{AGENT} "
+                 "--role=roles/bigquery.dataEditor "
                  f"{PROJECT}:{dataset}")
     jobs_fix = (f"gcloud projects add-iam-policy-binding {PROJECT} --member=serviceAccount:{AGENT} "
                 "--role=roles/bigquery.jobUser --condition=None")
