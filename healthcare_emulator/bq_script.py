@@ -60,6 +60,7 @@ from .warehouse import (
     _check_table,
     _convert_value,
     _StagedWriter,
+    in_unnest_as_subquery,
 )
 
 FILE_COL = "__emulator_dml_file__"
@@ -380,6 +381,7 @@ class Script:
                 node.set("alias", exp.TableAlias(this=exp.to_identifier(name, quoted=True)))
         if isinstance(tree, exp.Query):
             Warehouse._name_anonymous_columns(tree)
+        in_unnest_as_subquery(tree)
         try:
             return tree.sql(dialect="duckdb"), refs
         except sqlglot.errors.SqlglotError as e:
