@@ -316,3 +316,13 @@ def test_dml_and_an_export_of_the_same_table_both_apply(emu, bq, ds, tmp_path):
     uids = [r.SOPInstanceUID for r in bq.query_and_wait(f"SELECT SOPInstanceUID FROM `{t}`")]
     b_uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in second]
     assert sorted(uids) == sorted(a_uids + 3 * b_uids)
+
+
+def test_a_dry_run_of_dml_reports_the_statement_and_changes_nothing(bq, ds):
+    t = f"{ds}.t"
+    fill(bq, t, 1, 10)
+    job = bq.query(f"DELETE FROM `{t}` WHERE k > 5", job_config=bigquery.QueryJobConfig(dry_run=True))
+    assert job.statement_type == "DELETE" and job.num_dml_affected_rows is None
+    assert ks(bq, t) == list(range(1, 11))
+    with pytest.raises(gexc.NotFound, match="missing"):
+        bq.query(f"DELETE FROM `{ds}.missing` WHERE true", job_config=bigquery.QueryJobConfig(dry_run=True))
