@@ -7,6 +7,8 @@ or with a DICOM export, then changed with `client.query(DML).result()` / `client
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import threading
 
 import pydicom
@@ -326,3 +328,20 @@ def test_a_dry_run_of_dml_reports_the_statement_and_changes_nothing(bq, ds):
     assert ks(bq, t) == list(range(1, 11))
     with pytest.raises(gexc.NotFound, match="missing"):
         bq.query(f"DELETE FROM `{ds}.missing` WHERE true", job_config=bigquery.QueryJobConfig(dry_run=True))
+
+
+def test_the_bq_cli_runs_dml_and_prints_the_affected_rows(emu, bq, ds, tmp_path):
+    t = f"{ds}.t"
+    fill(bq, t, 1, 10)
+    token = tmp_path / "token"
+    token.write_text("dummy-token\n")
+    (tmp_path / "config").mkdir()
+    env = {**os.environ, "CLOUDSDK_CONFIG": str(tmp_path / "config"), "CLOUDSDK_AUTH_ACCESS_TOKEN_FILE": str(token),
+           "CLOUDSDK_CORE_DISABLE_PROMPTS": "1", "CLOUDSDK_CORE_DISABLE_USAGE_REPORTING": "true",
+           "CLOUDSDK_COMPONENT_MANAGER_DISABLE_UPDATE_CHECK": "true"}
+    r = subprocess.run(["bq", f"--api={emu.url}", f"--project_id={PROJECT}", "query", "--nouse_legacy_sql",
+                        f"DELETE FROM `{t}` WHERE k <= 3"], env=env, capture_output=True, text=True, timeout=180,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Number of affected rows: 3" in " ".join((r.stdout + r.stderr).split())
+    assert ks(bq, t) == list(range(4, 11))
