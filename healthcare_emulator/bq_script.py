@@ -398,6 +398,9 @@ class Script:
             if missing:
                 raise _invalid(f"Query parameter '{missing[0]}' not found")
             return {k: v for k, v in self.params.items() if k in used}
+        if len(self.statements) > 1:
+            raise _invalid("Positional query parameters (?) are not supported in multi-statement scripts by the "
+                           "local BigQuery emulator: use named parameters (@name).")
         return list(self.params)
 
     def _files_for(self, key) -> tuple[list[dict], list[str], bool]:
