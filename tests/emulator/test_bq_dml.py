@@ -345,3 +345,31 @@ def test_the_bq_cli_runs_dml_and_prints_the_affected_rows(emu, bq, ds, tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Number of affected rows: 3" in " ".join((r.stdout + r.stderr).split())
     assert ks(bq, t) == list(range(4, 11))
+
+
+def test_concurrent_dml_jobs_on_one_table_are_serialised_and_all_apply(bq, ds):
+    """Five jobs at once on one table (whose results do not depend on their order): every one applies."""
+    t = f"{ds}.t"
+    fill(bq, t, 1, 400)
+    barrier = threading.Barrier(5)
+    counts: dict[str, int | None] = {}
+
+    def run(name: str, sql: str):
+        barrier.wait()
+        job = bq.query(sql)
+        job.result()
+        counts[name] = job.num_dml_affected_rows
+
+    jobs = {f"delete{i}": f"DELETE FROM `{t}` WHERE k <= 400 AND MOD(k, 4) = {i}" for i in range(3)}
+    jobs["insert"] = (f"INSERT INTO `{t}` (SOPInstanceUID, StudyInstanceUID, k) "
+                      "SELECT CONCAT('9.', CAST(k AS STRING)), 'x', k FROM UNNEST(GENERATE_ARRAY(1001, 1050)) AS k")
+    jobs["script"] = (f"BEGIN; DELETE FROM `{t}` WHERE k = 400; "
+                      f"INSERT INTO `{t}` (SOPInstanceUID, k) VALUES ('z', 2000); COMMIT;")
+    threads = [threading.Thread(target=run, args=item) for item in jobs.items()]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert counts["insert"] == 50 and counts["delete1"] == counts["delete2"] == 100
+    assert counts["delete0"] in (99, 100)  # k = 400 is the script's too: whichever ran first deleted it
+    assert ks(bq, t) == [k for k in range(1, 401) if k % 4 == 3] + list(range(1001, 1051)) + [2000]
