@@ -93,8 +93,8 @@ from datetime import datetime, timezone
 from typing import Any, Iterator
 
 import pydicom
-from pydicom.dataelem import RawDataElement
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from werkzeug.wrappers import Request, Response
 
