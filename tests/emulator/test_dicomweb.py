@@ -13,7 +13,6 @@ import json
 import os
 import re
 import threading
-import uuid
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
