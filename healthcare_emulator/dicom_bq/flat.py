@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from functools import partial
-from typing import NamedTuple
 
 from pydicom.dataelem import RawDataElement
 
@@ -24,7 +24,8 @@ from .values import _Bad, _float_str, _parse_da, _parse_tm, _typed
 from .vr import _COLK, _NUMFMT, _S1, _TAGINFO, _VRK, TagInfo, _tag_info
 
 
-class _Record(NamedTuple):
+@dataclass(slots=True, frozen=True)
+class _Record:
     """Where one data set's elements go: its row (or sequence item), that row's fields, and the
     OtherElements entries (added to row and fields by the caller)."""
     row: dict
@@ -32,69 +33,62 @@ class _Record(NamedTuple):
     others: list
 
 
-class _Scope(NamedTuple):
+@dataclass(slots=True, frozen=True)
+class _Scope:
     """The data set being mapped: its nesting level (0 = top level), encodings and label prefix."""
     level: int
     enc: tuple
     path: str
 
 
-def _set(rec: _Record, info: TagInfo, value) -> bool:
-    rec.row[info.name] = value
-    rec.fields.append(info.field)
-    return True
-
-
-def _fast_strings(rec: _Record, info: TagInfo, vals) -> bool:
-    """A STRING column from already split values; False: not decided here (VM 1 with several values)."""
-    if not vals:
-        return True
-    if info.repeated:
-        return _set(rec, info, vals)
-    if len(vals) == 1:
-        return _set(rec, info, vals[0])
-    return False
-
-
-def _fast_public(rec: _Record, info: TagInfo, elem, vr: str, b: bytes, enc: tuple) -> bool:
+def _fast_public(row: dict, fields: list, info: TagInfo, elem, enc: tuple) -> bool:
     """Fast path for a raw public element whose VR is known and consistent.
     True: mapped (or empty); False: left to the general path."""
+    vr = elem.VR or info.dict_vr
+    b = elem.value
+    if b is None or vr is None:
+        return False
     ck = info.col
     k = _VRK.get(vr)
-    if k == "c" and ck == "S" and len(enc) == 1 and 0x1B not in b:
+    if ck == "S" and (k == "a" or (k == "c" and len(enc) == 1 and 0x1B not in b)):
         if not b:
             return True
         try:
-            vals = _split_strip(b.decode(enc[0]))
+            vals = _split_strip(b.decode("latin-1" if k == "a" else enc[0]))
         except UnicodeDecodeError:
             return False
-        return _fast_strings(rec, info, vals)
-    if k == "a":
-        if ck == "S":
-            return True if not b else _fast_strings(rec, info, _split_strip(b.decode("latin-1")))
-        if (ck == "D" or ck == "T") and not info.repeated and b:
-            s = b.decode("latin-1").strip(" \x00")
-            if not s:
-                return True
-            if "\\" not in s:
-                try:
-                    v = _parse_da(s) if ck == "D" else _parse_tm(s)
-                except ValueError:
-                    return False
-                return _set(rec, info, v)
-        return False
-    if k == "n" and (ck == "I" or ck == "F"):
+        if not vals:
+            return True
+        if info.repeated:
+            row[info.name] = vals
+        elif len(vals) == 1:
+            row[info.name] = vals[0]
+        else:
+            return False
+    elif k == "a" and (ck == "D" or ck == "T") and not info.repeated and b:
+        s = b.decode("latin-1").strip(" \x00")
+        if not s:
+            return True
+        if "\\" in s:
+            return False
+        try:
+            row[info.name] = _parse_da(s) if ck == "D" else _parse_tm(s)
+        except ValueError:
+            return False
+    elif k == "n" and (ck == "I" or ck == "F"):
         if not b:
             return True
         fmt, size = _NUMFMT[vr]
-        if len(b) == size and not info.repeated and fmt != "Q":
-            v = _S1[elem.is_little_endian][fmt].unpack(b)[0]
-            if (ck == "F") == (fmt in "fd"):
-                return _set(rec, info, v)
-    return False
+        if len(b) != size or info.repeated or fmt == "Q" or (ck == "F") != (fmt in "fd"):
+            return False
+        row[info.name] = _S1[elem.is_little_endian][fmt].unpack(b)[0]
+    else:
+        return False
+    fields.append(info.field)
+    return True
 
 
-def _fast_private(rec: _Record, info: TagInfo, elem, enc: tuple) -> bool:
+def _fast_private(others: list, info: TagInfo, elem, enc: tuple) -> bool:
     """Fast path for a raw private/unknown element with an explicit VR (into OtherElements)."""
     vr = elem.VR
     b = elem.value
@@ -107,27 +101,17 @@ def _fast_private(rec: _Record, info: TagInfo, elem, enc: tuple) -> bool:
         except UnicodeDecodeError:
             return False
         if vals:
-            rec.others.append({"Tag": info.hexname, "Data": vals})
+            others.append({"Tag": info.hexname, "Data": vals})
         return True
     if k == "n" and b:
         fmt, size = _NUMFMT[vr]
         n, rem = divmod(len(b), size)
         if not rem:
             nums = struct.unpack(("<" if elem.is_little_endian else ">") + str(n) + fmt, b)
-            rec.others.append({"Tag": info.hexname, "Data": [
+            others.append({"Tag": info.hexname, "Data": [
                 _float_str(x) if fmt in "fd" else str(x) for x in nums]})
             return True
     return False
-
-
-def _fast(rec: _Record, info: TagInfo, elem, scope: _Scope) -> bool:
-    if elem.__class__ is not RawDataElement:
-        return False
-    if info.col is not None:
-        vr = elem.VR or info.dict_vr
-        b = elem.value
-        return b is not None and vr is not None and _fast_public(rec, info, elem, vr, b, scope.enc)
-    return scope.level < MAX_NESTING and _fast_private(rec, info, elem, scope.enc)
 
 
 def _flat_ds(ds, level: int, enc: tuple, ctx: _Ctx, path: str, row: dict, fields: list,
@@ -137,12 +121,15 @@ def _flat_ds(ds, level: int, enc: tuple, ctx: _Ctx, path: str, row: dict, fields
     the record holding these fields (0 = top level)."""
     rec = _Record(row, fields, others)
     scope = _Scope(level, enc, path)
+    Raw = RawDataElement
     for tag, elem in _sorted_items(ds):
         if skip is not None and tag in skip:
             continue
         info = _TAGINFO.get(tag) or _tag_info(tag)
         try:
-            if _fast(rec, info, elem, scope):
+            if elem.__class__ is Raw and (
+                    _fast_public(row, fields, info, elem, enc) if info.col is not None
+                    else level < MAX_NESTING and _fast_private(others, info, elem, enc)):
                 continue
             vr, vals = _element(ds, tag, elem, info, enc, ctx, partial(_label, path, tag, info))
         except Exception as exc:  # noqa: BLE001 - never let one element fail a row
@@ -246,7 +233,8 @@ def _flat_column(rec: _Record, tag: int, info: TagInfo, vr: str, vals: list, sco
                   "nesting levels; dropped")
         ctx.drop(info.name)
         return
-    _set(rec, info, typed if info.repeated else typed[0])
+    rec.row[info.name] = typed if info.repeated else typed[0]
+    rec.fields.append(info.field)
 
 
 def flattened_row(ds, *, source_store: str | None = None):

@@ -1,6 +1,7 @@
 """Schema union (additive; prefer left, right or widen), and the cached field index conform uses."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 _PREFER = ("left", "right", "widen")
@@ -40,7 +41,8 @@ def _resolve(fa: dict, fb: dict, prefer: str) -> tuple:
     return t, m
 
 
-class FieldEntry(NamedTuple):
+@dataclass(slots=True, frozen=True)
+class FieldEntry:
     field: dict
     type: str
     repeated: bool

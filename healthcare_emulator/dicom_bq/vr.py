@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
+from dataclasses import dataclass
 
 from pydicom.datadict import DicomDictionary, RepeatersDictionary, get_entry, keyword_dict, mask_match
 
@@ -39,7 +39,8 @@ for _v in ("AE", "AS", "CS", "DS", "IS", "UI", "UR", "SH", "LO", "UC", "ST", "LT
 for _v in ("US", "SS", "UL", "SL", "SV", "UV", "AT"):
     _COLK[_v] = "I"
 
-class TagInfo(NamedTuple):
+@dataclass(slots=True, frozen=True)
+class TagInfo:
     """What the mapping decides once per tag."""
     name: str            # column name: the keyword, or Tag_GGGGEEEE for private/unknown tags
     col: str | None      # column kind (see _COLK); None: private/unknown (OtherElements)
