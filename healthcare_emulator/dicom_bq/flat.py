@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 from pydicom.dataelem import RawDataElement
 
@@ -24,8 +24,7 @@ from .values import _Bad, _float_str, _parse_da, _parse_tm, _typed
 from .vr import _COLK, _NUMFMT, _S1, _TAGINFO, _VRK, TagInfo, _tag_info
 
 
-@dataclass(slots=True, frozen=True)
-class _Record:
+class _Record(NamedTuple):
     """Where one data set's elements go: its row (or sequence item), that row's fields, and the
     OtherElements entries (added to row and fields by the caller)."""
     row: dict
@@ -33,8 +32,7 @@ class _Record:
     others: list
 
 
-@dataclass(slots=True, frozen=True)
-class _Scope:
+class _Scope(NamedTuple):
     """The data set being mapped: its nesting level (0 = top level), encodings and label prefix."""
     level: int
     enc: tuple
@@ -114,13 +112,12 @@ def _fast_private(others: list, info: TagInfo, elem, enc: tuple) -> bool:
     return False
 
 
-def _flat_ds(ds, level: int, enc: tuple, ctx: _Ctx, path: str, row: dict, fields: list,
-             others: list, skip=None) -> None:
-    """Map the elements of `ds` into `row`/`fields`/`others` (OtherElements
-    entries, added to row/fields by the caller); `level` is the nesting depth of
-    the record holding these fields (0 = top level)."""
-    rec = _Record(row, fields, others)
-    scope = _Scope(level, enc, path)
+def _flat_ds(ds, rec: _Record, scope: _Scope, ctx: _Ctx, skip=None) -> None:
+    """Map the elements of `ds` into `rec` (its OtherElements entries are added to the
+    row and fields by the caller); `scope.level` is the nesting depth of the record
+    holding these fields (0 = top level)."""
+    row, fields, others = rec
+    level, enc, path = scope
     Raw = RawDataElement
     for tag, elem in _sorted_items(ds):
         if skip is not None and tag in skip:
@@ -152,7 +149,7 @@ def _flat_ds(ds, level: int, enc: tuple, ctx: _Ctx, path: str, row: dict, fields
 def _flat_item(item, scope: _Scope, ctx: _Ctx) -> tuple[dict, list]:
     rec = _Record({}, [], [])
     ienc = _item_encodings(item, scope.enc, ctx, scope.path)
-    _flat_ds(item, scope.level, ienc, ctx, scope.path, rec.row, rec.fields, rec.others)
+    _flat_ds(item, rec, scope if ienc is scope.enc else scope._replace(enc=ienc), ctx)
     if rec.others:
         rec.row["OtherElements"] = rec.others
         rec.fields.append(_OTHER_FIELD)
@@ -250,15 +247,16 @@ def flattened_row(ds, *, source_store: str | None = None):
     except Exception:  # noqa: BLE001
         ctx.tz = None
     others: list = []
+    rec = _Record(row, fields, others)
     meta = getattr(ds, "file_meta", None)
     skip = None
     if meta is not None and len(meta):
         try:
-            _flat_ds(meta, 0, _DEFAULT_ENC, ctx, "", row, fields, others)
+            _flat_ds(meta, rec, _Scope(0, _DEFAULT_ENC, ""), ctx)
             skip = set(map(int, meta._dict))
         except Exception as exc:  # noqa: BLE001
             ctx.issue(f"file meta information could not be read ({type(exc).__name__})")
-    _flat_ds(ds, 0, _top_encodings(ds, ctx), ctx, "", row, fields, others, skip)
+    _flat_ds(ds, rec, _Scope(0, _top_encodings(ds, ctx), ""), ctx, skip)
     if others:
         row["OtherElements"] = others
         fields.append(_OTHER_FIELD)

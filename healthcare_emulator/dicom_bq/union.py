@@ -41,8 +41,9 @@ def _resolve(fa: dict, fb: dict, prefer: str) -> tuple:
     return t, m
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class FieldEntry:
+    """One field of an indexed schema (treated as immutable, like the schema)."""
     field: dict
     type: str
     repeated: bool
