@@ -188,7 +188,7 @@ class Service:
         if r.status_code == 200:
             return True
         if not self.s.topic:
-            self.events_error = f"subscription {self.s.subscription} does not exist (set HC_CONSOLE_EVENTS_TOPIC)"
+            self.events_error = f"waiting for the subscription {self.s.subscription} to exist"
             return False
         r = self.http.put(base, json={"topic": self.s.topic, "ackDeadlineSeconds": 60}, timeout=10)
         if r.status_code in (200, 409):
