@@ -61,6 +61,14 @@ def operations(client: Client) -> list[dict]:
     return client.get(f"/v1/{DATASET}/operations").get_json().get("operations", [])
 
 
+def settled(client: Client) -> list[dict]:
+    """The dataset's operations once every one of them is done (an export another test started may still run)."""
+    for op in operations(client):
+        if not op.get("done"):
+            assert client.get(f"/emulator/wait/{op['name']}").get_json()["done"]
+    return operations(client)
+
+
 def exported(client: Client, table: str = "t") -> None:
     r = client.post("/console/export", data=export_form(token(client), table))
     assert r.status_code == 303, r.get_data(as_text=True)
@@ -100,7 +108,7 @@ def test_a_token_from_another_browser_or_another_site_is_refused(emulator, clien
 
 def test_no_get_changes_anything(client):
     exported(client)
-    before_ops = operations(client)
+    before_ops = settled(client)
     before_counts = client.get("/emulator/requestCounts").get_json()
     before_tables = client.get(f"/bigquery/v2/projects/{PROJECT}/datasets/bq/tables").get_json()
     gets = ["/console", "/console/datasets", f"/console/dataset?name={DATASET}", f"/console/operations?dataset={DATASET}",
