@@ -178,6 +178,8 @@ class Service:
                         self.events.appendleft(self._event(m.get("message") or {}, now))
                     self.http.post(f"{base}:acknowledge", json={"ackIds": [m["ackId"] for m in received]},
                                    timeout=10).raise_for_status()
+                else:
+                    self._stop.wait(0.5)  # an emulator may answer an empty pull at once: do not spin on it
                 self.events_error = None
             except Exception as e:  # noqa: BLE001 - shown on the page; the loop goes on
                 self.events_error = f"{type(e).__name__}: {e}"
