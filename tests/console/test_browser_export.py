@@ -106,11 +106,9 @@ def test_each_disposition_through_the_console_then_write_empty_shows_the_error(b
     assert not row.find_elements(By.CSS_SELECTOR, ".ok")
     assert row_count(browser, world) == 3  # the failed export left the table as it was
     # Operations lists every operation of the dataset, newest first: the four exports, then the dataset's creation.
-    ops = browser.find_elements(By.CSS_SELECTOR, "tr.op") if "operations" in browser.current_url else None
-    if ops is None:
-        dataset = world["store"].split("/dicomStores/")[0]
-        browser.get(f"{world['base']}/console/operations?dataset={dataset}")
-        ops = browser.find_elements(By.CSS_SELECTOR, "tr.op")
+    dataset = world["store"].split("/dicomStores/")[0]
+    browser.get(f"{world['base']}/console/operations?dataset={dataset}")
+    ops = browser.find_elements(By.CSS_SELECTOR, "tr.op")
     methods = [o.find_elements(By.TAG_NAME, "td")[1].text for o in ops]
     assert methods == ["ExportDicomData_bq"] * 4 + ["CreateDataset"]
     created = [o.find_elements(By.TAG_NAME, "td")[3].text for o in ops]

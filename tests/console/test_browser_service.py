@@ -54,22 +54,30 @@ def test_the_service_page_follows_a_request_to_export_succeeded(browser, stack, 
                                             "writeDisposition": "WRITE_TRUNCATE"}})
     publish(stack, {"requestId": bad, "dicomStore": store, "bigqueryDestination": {"tableUri": "bq://nope"}})
 
-    ui.wait(browser, lambda d: request_row(d, rid).get_attribute("data-state") == "SUCCEEDED", timeout=300)
-    row = request_row(browser, rid)
-    assert row.find_element(By.CLASS_NAME, "counter").text == "2 ok · 0 failed · 0 pending"
-    assert f"bq://{local.PROJECT}.{bq}.svc" in row.text and "WRITE_TRUNCATE" in row.text
+    def snapshot(d):
+        """What the page shows, read in one go (it refreshes itself: elements go stale between reads)."""
+        ok, rejected = request_row(d, rid), request_row(d, bad)
+        return {"state": ok.get_attribute("data-state"), "text": ok.text,
+                "counter": ok.find_element(By.CLASS_NAME, "counter").text,
+                "bad_state": rejected.get_attribute("data-state"), "bad_text": rejected.text,
+                "remedy": " ".join(r.text for r in rejected.find_elements(By.CLASS_NAME, "remedy")),
+                "events": [e.get_attribute("data-type")
+                           for e in d.find_elements(By.CSS_SELECTOR, f'tr.event[data-request="{rid}"]')],
+                "bad_events": [e.get_attribute("data-type")
+                               for e in d.find_elements(By.CSS_SELECTOR, f'tr.event[data-request="{bad}"]')]}
 
-    def events_of(d, r):
-        return [e.get_attribute("data-type") for e in d.find_elements(By.CSS_SELECTOR, f'tr.event[data-request="{r}"]')]
-    ui.wait(browser, lambda d: {"EXPORT_STARTED", "EXPORT_SUCCEEDED"} <= set(events_of(d, rid)))
-    ui.wait(browser, lambda d: request_row(d, bad).get_attribute("data-state") == "REJECTED")
-    rejected = request_row(browser, bad)
-    assert "tableUri" in rejected.text
-    assert "publish the request again with a new requestId" in rejected.find_element(By.CLASS_NAME, "remedy").text
-    ui.wait(browser, lambda d: "EXPORT_REJECTED" in events_of(d, bad))
-    # newest first: the later event above the earlier one
-    types = events_of(browser, rid)
-    assert types.index("EXPORT_SUCCEEDED") < types.index("EXPORT_STARTED")
+    def settled(d):
+        v = snapshot(d)
+        done = v["state"] == "SUCCEEDED" and v["bad_state"] == "REJECTED" and "EXPORT_REJECTED" in v["bad_events"] \
+            and {"EXPORT_STARTED", "EXPORT_SUCCEEDED"} <= set(v["events"])
+        return v if done else False
+
+    v = ui.wait(browser, settled, timeout=300)
+    assert v["counter"] == "2 ok · 0 failed · 0 pending"
+    assert f"bq://{local.PROJECT}.{bq}.svc" in v["text"] and "WRITE_TRUNCATE" in v["text"]
+    assert "tableUri" in v["bad_text"]
+    assert "publish the request again with a new requestId" in v["remedy"]
+    assert v["events"].index("EXPORT_SUCCEEDED") < v["events"].index("EXPORT_STARTED")  # newest first
 
     # One console: the request's operation opens the dataset's Operations page, where it is OK.
     op = requests.get(stack.urls["export_status"], params={"requestId": rid}, timeout=30).json()["operation"]
