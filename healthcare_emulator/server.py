@@ -103,7 +103,7 @@ class App:
         if path.startswith("/emulator/"):
             return self.emulator_endpoint(request, path[len("/emulator/"):])
         if path == "/console" or path.startswith("/console/"):  # the web console (README, "The web console"):
-            from .console import handle as console  # a client of this app's own REST surface
+            from .console.entry import handle as console  # a client of this app's own REST surface
             return console(self, request)
         if path.startswith(("/bigquery/", "/discovery/", "/$discovery/")):  # $discovery: bq --api=URL
             from . import bigquery_api  # the BigQuery REST surface over the same warehouse
