@@ -36,7 +36,7 @@ from functools import lru_cache
 
 from werkzeug.wrappers import Request, Response
 
-from . import iam, iam_api
+from . import bq_script, iam
 from .errors import ApiError
 
 MAX_JOBS = 500                 # query jobs (and their result rows) kept in memory
@@ -366,7 +366,7 @@ class BigQueryService:
                "datasetReference": dict(ref), "location": meta.get("location", "US"),
                "creationTime": str(meta.get("creationTime", 0)),
                "lastModifiedTime": str(meta.get("lastModifiedTime", 0)),
-               "access": iam_api.dataset_access(meta), "type": "DEFAULT"}
+               "access": iam.dataset_access(meta), "type": "DEFAULT"}
         if meta.get("labels"):
             out["labels"] = dict(meta["labels"])
         for key in ("description", "friendlyName"):
@@ -387,7 +387,7 @@ class BigQueryService:
         kw = {"location": body.get("location") or "US", "labels": body.get("labels") or {}}
         if body.get("description") is not None:
             kw["description"] = body["description"]
-        access = iam_api.checked_access(body)
+        access = _checked_access(body)
         try:
             meta = self.wh.create_dataset(project, dataset, **kw)
             if access is not None:
@@ -397,10 +397,44 @@ class BigQueryService:
         return _json(self._dataset_resource(meta, request))
 
     def patch_dataset(self, request: Request, project: str, dataset: str) -> Response:
-        return iam_api.update_dataset(self, request, project, dataset, replace=False)
+        return self._change_dataset(request, project, dataset, replace=False)
 
     def update_dataset(self, request: Request, project: str, dataset: str) -> Response:
-        return iam_api.update_dataset(self, request, project, dataset, replace=True)
+        return self._change_dataset(request, project, dataset, replace=True)
+
+    def _change_dataset(self, request: Request, project: str, dataset: str, *, replace: bool) -> Response:
+        """datasets.patch (replace=False: only the fields given) and datasets.update (replace=True: access,
+        labels, description and friendlyName as given, defaults for those left out). If-Match is honoured."""
+        body = _body(request)
+        ref = body.get("datasetReference") or {}
+        if (ref.get("projectId") not in (None, project)) or (ref.get("datasetId") not in (None, dataset)):
+            raise BqError("INVALID_ARGUMENT", "datasetReference does not match the dataset of the request.")
+        access, labels = _checked_access(body), _checked_labels(body)
+        current = self._dataset_resource(self._require_dataset(project, dataset), request)
+        want = request.headers.get("If-Match")
+        if want and want != current["etag"]:
+            err = BqError("FAILED_PRECONDITION", "Precondition check failed.", "conditionNotMet")
+            err.http = 412
+            raise err
+
+        def change(meta: dict) -> None:
+            if access is not None or replace:
+                meta["access"] = access if access is not None else iam.default_access()
+            if labels is not None or replace:
+                merged = {} if replace else dict(meta.get("labels") or {})
+                merged.update(labels or {})
+                meta["labels"] = {k: v for k, v in merged.items() if v is not None}  # null removes a label
+            for key in ("description", "friendlyName"):
+                if key in body or replace:
+                    if body.get(key) is None:
+                        meta.pop(key, None)
+                    else:
+                        meta[key] = str(body[key])
+        try:
+            meta = self.wh.update_dataset(project, dataset, change)
+        except Exception as e:
+            raise _from_warehouse(e) from None
+        return _json(self._dataset_resource(meta, request))
 
     def get_dataset(self, request: Request, project: str, dataset: str) -> Response:
         return _json(self._dataset_resource(self._require_dataset(project, dataset), request))
@@ -576,6 +610,8 @@ class BigQueryService:
             sql = _dialect(cfg, query_text)
             if "useLegacySql" not in cfg:
                 cfg["useLegacySql"] = False
+            if self._run_script(job, project, job_id, location, cfg, sql, dry_run):
+                return job
             sql = _qualify_default_dataset(sql, cfg.get("defaultDataset"))
             default_project = (cfg.get("defaultDataset") or {}).get("projectId") or project
             try:
@@ -609,6 +645,79 @@ class BigQueryService:
             resource["statistics"]["endTime"] = str(int(time.time() * 1000))
             resource["status"] = {"state": "DONE", "errorResult": e.item(), "errors": [e.item()]}
         return job
+
+    def _run_script(self, job: dict, project: str, job_id: str, location: str, cfg: dict, sql: str,
+                    dry_run: bool) -> bool:
+        """DML statements and multi-statement scripts (bq_script.py); False for a single SELECT,
+        which the caller runs. The job ends DONE (with its errorResult if a statement failed)."""
+        try:
+            statements = bq_script.parse(sql)
+        except bq_script.DmlError:
+            return False  # the SELECT path reports the syntax error as it always has
+        if not statements or not bq_script.is_script_or_dml(statements):
+            return False
+        resource = job["resource"]
+        try:
+            if cfg.get("destinationTable"):
+                raise BqError("INVALID_ARGUMENT", "Cannot set destination table in jobs with DML statements "
+                                                  "or scripts", "invalid")
+            default_project = (cfg.get("defaultDataset") or {}).get("projectId") or project
+            script = bq_script.Script(self.wh, sql, default_project=default_project,
+                                      default_dataset=cfg.get("defaultDataset"), params=_params(cfg))
+            result = script.run(dry_run=dry_run)
+        except bq_script.DmlError as e:
+            raise BqError(e.code, e.message, e.reason or ("notFound" if e.code == "NOT_FOUND" else "invalidQuery"),
+                          "query" if e.code == "INVALID_ARGUMENT" else None) from None
+        now = int(time.time() * 1000)
+        q = {"totalBytesProcessed": "0", "totalBytesBilled": "0", "cacheHit": False,
+             "statementType": result.statement_type, "totalSlotMs": "0"}
+        stats = resource["statistics"]
+        stats.update({"endTime": str(now), "totalBytesProcessed": "0", "query": q})
+        last = result.last
+        if not result.script and last.is_dml and not dry_run:
+            q.update(_dml_statistics(last))
+        if result.script:
+            stats["numChildJobs"] = str(len(result.statements))
+            if not dry_run:
+                self._child_jobs(project, job_id, location, result)
+        if last.statement_type == "SELECT" and not dry_run:
+            job["schema"], job["rows"] = last.fields, last.rows
+            q["schema"] = {"fields": _schema_out(last.fields)}
+            cfg["destinationTable"] = {"projectId": project, "datasetId": ANON_DATASET,
+                                       "tableId": "anon" + hashlib.sha1(f"{project}/{job_id}".encode()).hexdigest()}
+            job["table"] = {"tableReference": dict(cfg["destinationTable"]), "schema": last.fields,
+                            "numRows": len(last.rows), "numBytes": 0, "creationTime": now, "lastModifiedTime": now,
+                            "location": location}
+        else:
+            job["dml"] = {k: q[k] for k in ("numDmlAffectedRows", "dmlStats") if k in q}
+        resource["status"] = {"state": "DONE"}
+        return True
+
+    def _child_jobs(self, project: str, parent_id: str, location: str, result) -> None:
+        """One child job per statement, as BigQuery makes for scripts (jobs.list?parentJobId=)."""
+        base = "script_job_" + hashlib.sha1(f"{project}/{parent_id}".encode()).hexdigest()[:32]
+        children = []
+        for i, st in enumerate(result.statements):
+            cfg = {"query": st.sql, "useLegacySql": False}
+            r = self._new_job(project, f"{base}_{i}", location, cfg, {})
+            q = {"totalBytesProcessed": "0", "totalBytesBilled": "0", "cacheHit": False,
+                 "statementType": st.statement_type, "totalSlotMs": "0"}
+            if st.is_dml:
+                q.update(_dml_statistics(st))
+            r["statistics"].update({"endTime": r["statistics"]["startTime"], "totalBytesProcessed": "0", "query": q,
+                                    "parentJobId": parent_id,
+                                    "scriptStatistics": {"evaluationKind": "STATEMENT",
+                                                         "stackFrames": [{"text": st.sql}]}})
+            r["status"] = {"state": "DONE"}
+            child = {"resource": r, "schema": st.fields, "rows": st.rows, "table": None, "error": None}
+            if st.statement_type != "SELECT":
+                child["dml"] = {k: q[k] for k in ("numDmlAffectedRows", "dmlStats") if k in q}
+            children.append(((project, f"{base}_{i}"), child))
+        with self.lock:
+            for key, child in children:
+                self.jobs[key] = child
+            while len(self.jobs) > MAX_JOBS:
+                self.jobs.popitem(last=False)
 
     def _write_destination(self, dest: dict, cfg: dict, fields: list[dict], rows: list[dict]) -> None:
         wd = (cfg.get("writeDisposition") or "WRITE_EMPTY").upper()
@@ -648,14 +757,19 @@ class BigQueryService:
         extra = {k: v for k, v in config.items() if k in ("labels", "dryRun", "jobTimeoutMs")}
         location = ref.get("location") or "US"
         job = self._run_query(project, job_id, location, config["query"], extra, dry_run=_truthy(config.get("dryRun")))
+        if job["error"] is not None and _truthy(config.get("dryRun")):
+            raise job["error"]  # a dry run creates no job: BigQuery answers an invalid one with the HTTP error
         return _json(job["resource"])
 
     def get_job(self, request: Request, project: str, job_id: str) -> Response:
         return _json(self._job(project, job_id)["resource"])
 
     def list_jobs(self, request: Request, project: str) -> Response:
+        parent = request.args.get("parentJobId")
         with self.lock:
             jobs = [j["resource"] for (p, _), j in reversed(self.jobs.items()) if p == project]
+        if parent:
+            jobs = [r for r in jobs if r["statistics"].get("parentJobId") == parent]
         items = []
         for r in jobs:
             item = {"kind": "bigquery#job", "id": r["id"], "jobReference": r["jobReference"],
@@ -675,6 +789,14 @@ class BigQueryService:
         if job["error"] is not None:
             raise job["error"]
         r = job["resource"]
+        if job.get("dml") is not None:  # DML (or a script not ending in a SELECT): counts, no rows
+            out = {"kind": kind, "jobReference": r["jobReference"], "jobComplete": True,
+                   "totalBytesProcessed": "0", "cacheHit": False, "etag": _etag([r["id"], "dml"]),
+                   "queryId": r["jobReference"]["jobId"], "location": r["jobReference"]["location"], **job["dml"]}
+            for k in ("creationTime", "startTime", "endTime"):
+                if k in r["statistics"]:
+                    out[k] = r["statistics"][k]
+            return out
         limit = _max_results(request_args.get("maxResults"))
         rows = job["rows"][offset:offset + limit]
         total = len(job["rows"])
@@ -731,6 +853,35 @@ class BigQueryService:
         if offset + len(page) < len(items):
             out["nextPageToken"] = _token(offset + len(page))
         return out
+
+
+def _dml_statistics(st) -> dict:
+    """statistics.query's numDmlAffectedRows and dmlStats (int64 as strings) of one DML statement."""
+    stats = {}
+    if st.statement_type == "INSERT":
+        stats["insertedRowCount"] = str(st.inserted)
+    else:
+        stats["deletedRowCount"] = str(st.deleted)
+    return {"numDmlAffectedRows": str(st.affected), "dmlStats": stats}
+
+
+def _checked_access(body: dict) -> list[dict] | None:
+    """A dataset body's `access`, validated (None when absent); a 400 whose location names the bad field."""
+    if body.get("access") is None:
+        return None
+    try:
+        return iam.check_access(body["access"])
+    except iam.PolicyError as e:
+        raise BqError("INVALID_ARGUMENT", f"Invalid value at '{e.field}': {e.message}", "invalid", e.field) from None
+
+
+def _checked_labels(body: dict) -> dict | None:
+    labels = body.get("labels")
+    if labels is not None and not (isinstance(labels, dict) and all(
+            isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in labels.items())):
+        raise BqError("INVALID_ARGUMENT", "Invalid value at 'labels': a map of strings to strings", "invalid",
+                      "labels")
+    return labels
 
 
 def _body(request: Request) -> dict:

@@ -159,6 +159,11 @@ def default_access() -> list[dict]:
             {"role": "READER", "specialGroup": "projectReaders"}]
 
 
+def dataset_access(meta: dict) -> list[dict]:
+    """A stored dataset's access entries (BigQuery's defaults when it never had any)."""
+    return meta["access"] if isinstance(meta.get("access"), list) else default_access()
+
+
 # -- evaluation -------------------------------------------------------------------------------------
 def _member_of(member_email: str) -> str:
     """The principal of a service account, lower-cased for comparison (emails are case-insensitive)."""

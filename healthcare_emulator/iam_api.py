@@ -7,8 +7,8 @@ export's permission check (`--enforce-iam`). The rules themselves are in iam.py 
   `policy` + `updateMask`; a Policy {version, etag, bindings}). A project's policy starts empty (etag "ACAB", as
   Google's empty policy). setIamPolicy with a stale etag is 409 ABORTED, as Resource Manager answers.
   Policies are kept in the emulator's state.sqlite (table iam_policies).
-- BigQuery `datasets.patch` / `datasets.update` (`PATCH` / `PUT .../datasets/D`, If-Match honoured) and
-  `access` on insert/get; a dataset created without `access` gets BigQuery's default entries.
+- The export's check (`--enforce-iam`), with the dataset's access entries (served and changed by
+  bigquery_api.py: `access` on insert/get, datasets.patch/update) and the destination project's policy.
 """
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def _served(policy: dict) -> dict:
 
 # -- Resource Manager HTTP -------------------------------------------------------------------------------
 def handle(app, request: Request) -> Response:
-    from .server import json_response, read_json
+    from .http_util import json_response, read_json
 
     project, verb = PATH_RE.match(request.path).groups()
     if not PROJECT_RE.match(project):
@@ -142,64 +142,6 @@ def _set_iam_policy(app, project: str, body: dict) -> dict:
     return set_policy(app, project, policy)
 
 
-# -- BigQuery datasets: access entries ----------------------------------------------------------------------
-def checked_access(body: dict) -> list[dict] | None:
-    """The `access` of a BigQuery dataset body, validated (None when absent); raises BqError 400 naming the field."""
-    from .bigquery_api import BqError
-
-    if body.get("access") is None:
-        return None
-    try:
-        return iam.check_access(body["access"])
-    except iam.PolicyError as e:
-        raise BqError("INVALID_ARGUMENT", f"Invalid value at '{e.field}': {e.message}", "invalid", e.field) from None
-
-
-def dataset_access(meta: dict) -> list[dict]:
-    return meta["access"] if isinstance(meta.get("access"), list) else iam.default_access()
-
-
-def update_dataset(svc, request: Request, project: str, dataset: str, *, replace: bool) -> Response:
-    """datasets.patch (replace=False: only the fields given) and datasets.update (replace=True)."""
-    from .bigquery_api import BqError, _body, _from_warehouse, _json
-
-    body = _body(request)
-    ref = body.get("datasetReference") or {}
-    if (ref.get("projectId") not in (None, project)) or (ref.get("datasetId") not in (None, dataset)):
-        raise BqError("INVALID_ARGUMENT", "datasetReference does not match the dataset of the request.")
-    access = checked_access(body)
-    labels = body.get("labels")
-    if labels is not None and not (isinstance(labels, dict) and all(
-            isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in labels.items())):
-        raise BqError("INVALID_ARGUMENT", "Invalid value at 'labels': a map of strings to strings", "invalid",
-                      "labels")
-    current = svc._dataset_resource(svc._require_dataset(project, dataset), request)
-    want = request.headers.get("If-Match")
-    if want and want != current["etag"]:
-        err = BqError("FAILED_PRECONDITION", "Precondition check failed.", "conditionNotMet")
-        err.http = 412
-        raise err
-
-    def change(meta: dict) -> None:
-        if access is not None or replace:
-            meta["access"] = access if access is not None else iam.default_access()
-        if labels is not None or replace:
-            merged = {} if replace else dict(meta.get("labels") or {})
-            merged.update(labels or {})
-            meta["labels"] = {k: v for k, v in merged.items() if v is not None}
-        for key in ("description", "friendlyName"):
-            if key in body or replace:
-                if body.get(key) is None:
-                    meta.pop(key, None)
-                else:
-                    meta[key] = str(body[key])
-    try:
-        meta = svc.wh.update_dataset(project, dataset, change)
-    except Exception as e:
-        raise _from_warehouse(e) from None
-    return _json(svc._dataset_resource(meta, request))
-
-
 # -- the export's check ---------------------------------------------------------------------------------
 def check_export(app, operation: str, store: str, project: str, dataset: str, table_exists: bool) -> None:
     """With --enforce-iam: raise PERMISSION_DENIED (and log it on the operation) when the store project's
@@ -209,7 +151,7 @@ def check_export(app, operation: str, store: str, project: str, dataset: str, ta
     meta = app.operations.warehouse.get_dataset(project, dataset)
     store_project = store.split("/")[1]
     denial = iam.export_denial(iam.project_number(store_project), project, dataset, table_exists=table_exists,
-                               dataset_access=dataset_access(meta), dest_project_policy=get_policy(app, project))
+                               dataset_access=iam.dataset_access(meta), dest_project_policy=get_policy(app, project))
     if denial is None:
         return
     message = denial.message()
