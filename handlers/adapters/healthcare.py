@@ -1,8 +1,7 @@
 """Cloud Healthcare API adapter: DICOM store export and long-running operations, over REST.
 
-Transport and auth: the shared session and token source of google_http. A local emulator (a loopback
-endpoint) gets no token unless an ADC file is configured (GOOGLE_APPLICATION_CREDENTIALS) or the
-function runs on Google Cloud.
+Transport and auth: the shared session of transport.py, and the token source handlers/wiring.py passes
+(`tokens`; none: no token, as a local emulator needs none).
 
 Retries: 429, 5xx, connection errors and timeouts are retried with exponential backoff and full
 jitter inside a time budget (an absolute `deadline`, time.monotonic()); past it TransientError is
@@ -17,10 +16,12 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Iterator
+from typing import Any, Iterator
 
-from . import google_http as gh
 from . import logs
+from . import transport as gh
+
+Obj = dict[str, Any]
 
 RETRYABLE_HTTP = frozenset({429, 500, 502, 503, 504})
 NOT_STARTED_HTTP = frozenset({429, 503})  # the server refused before doing any work
@@ -36,7 +37,7 @@ HTTP_TO_RPC = {400: 3, 401: 16, 403: 7, 404: 5, 409: 10, 429: 8, 499: 1, 500: 13
 class ApiError(Exception):
     """A final answer from the API (a 4xx other than 429): retrying would not help."""
 
-    def __init__(self, http_status: int, status: str, message: str, details: list | None = None):
+    def __init__(self, http_status: int, status: str, message: str, details: list[Any] | None = None):
         super().__init__(f"{http_status} {status}: {message}")
         self.http_status = http_status
         self.status = status
@@ -44,7 +45,7 @@ class ApiError(Exception):
         self.details = details or []
         self.code = RPC_CODES.get(status, HTTP_TO_RPC.get(http_status, 2))
 
-    def rpc(self) -> dict:
+    def rpc(self) -> Obj:
         """The error as google.rpc.Status {code, message}, as Operation.error carries it."""
         return {"code": self.code, "message": self.message}
 
@@ -60,34 +61,34 @@ class TransientError(Exception):
 
 class Healthcare:
     def __init__(self, endpoint: str, version: str = "v1", *, local: bool = False, timeout_s: float = 30.0,
-                 budget_s: float = 30.0):
+                 budget_s: float = 30.0, tokens: gh.Tokens | None = None):
         self.endpoint = endpoint.rstrip("/")
         self.version = version
         self.local = local
         self.timeout_s = timeout_s
         self.budget_s = budget_s
-        self._tokens = None
+        self._tokens = tokens or gh.Tokens()
 
     # -- API methods ----------------------------------------------------------------------------
-    def export(self, store: str, body: dict, *, version: str | None = None, deadline: float | None = None) -> dict:
+    def export(self, store: str, body: Obj, *, version: str | None = None, deadline: float | None = None) -> Obj:
         """POST {store}:export -> Operation (not done)."""
         return self._call("POST", f"{store}:export", body, version=version, deadline=deadline, idempotent=False,
                           method_name="export")
 
     def get_operation(self, name: str, *, version: str | None = None, deadline: float | None = None,
-                      max_attempts: int | None = None) -> dict:
+                      max_attempts: int | None = None) -> Obj:
         return self._call("GET", name, None, version=version, deadline=deadline, method_name="operations.get",
                           max_attempts=max_attempts)
 
     def cancel_operation(self, name: str, *, version: str | None = None, deadline: float | None = None,
-                         max_attempts: int | None = None) -> dict:
+                         max_attempts: int | None = None) -> Obj:
         """Best effort: the operation later ends with error code 1 (CANCELLED)."""
         return self._call("POST", f"{name}:cancel", {}, version=version, deadline=deadline,
                           method_name="operations.cancel", max_attempts=max_attempts)
 
     def list_operations(self, dataset: str, *, filter: str | None = None, page_size: int | None = None,
                         page_token: str | None = None, version: str | None = None,
-                        deadline: float | None = None) -> dict:
+                        deadline: float | None = None) -> Obj:
         """One page: {"operations": [...], "nextPageToken": ...}."""
         params = {k: v for k, v in (("filter", filter), ("pageSize", page_size), ("pageToken", page_token)) if v}
         return self._call("GET", f"{dataset}/operations", None, params=params, version=version, deadline=deadline,
@@ -95,7 +96,7 @@ class Healthcare:
 
     def iter_operations(self, dataset: str, *, filter: str | None = None, page_size: int = 100,
                         max_pages: int = 50, version: str | None = None,
-                        deadline: float | None = None) -> Iterator[dict]:
+                        deadline: float | None = None) -> Iterator[Obj]:
         token = None
         for _ in range(max_pages):
             page = self.list_operations(dataset, filter=filter, page_size=page_size, page_token=token,
@@ -107,18 +108,15 @@ class Healthcare:
         raise TransientError(f"operations.list on {dataset}: more than {max_pages} pages", ambiguous=True)
 
     # -- transport ------------------------------------------------------------------------------
-    def tokens(self):
-        if self._tokens is None:
-            import config
-            s = config.get()
-            self._tokens = gh.cloud_tokens() if not self.local or s.credentials_file or s.on_google_cloud else gh.Tokens()
+    def tokens(self) -> gh.Tokens:
         return self._tokens
 
     def url(self, path: str, version: str | None = None) -> str:
         return f"{self.endpoint}/{version or self.version}/{path.lstrip('/')}"
 
-    def _call(self, method: str, path: str, body, *, params=None, version=None, deadline=None,
-              idempotent: bool = True, method_name: str = "", max_attempts: int | None = None) -> dict:
+    def _call(self, method: str, path: str, body: Obj | None, *, params: Obj | None = None,
+              version: str | None = None, deadline: float | None = None,
+              idempotent: bool = True, method_name: str = "", max_attempts: int | None = None) -> Obj:
         import requests
 
         deadline = deadline if deadline is not None else time.monotonic() + self.budget_s
@@ -169,7 +167,7 @@ class Healthcare:
             time.sleep(sleep)
 
 
-def _error_of(r) -> ApiError:
+def _error_of(r: Any) -> ApiError:
     try:
         e = r.json().get("error", {})
         if not isinstance(e, dict):
@@ -179,24 +177,24 @@ def _error_of(r) -> ApiError:
     status = e.get("status") if isinstance(e.get("status"), str) else None
     if status is None:
         status = {v: k for k, v in RPC_CODES.items()}.get(HTTP_TO_RPC.get(r.status_code, 2), "UNKNOWN")
-    message = e.get("message") if isinstance(e.get("message"), str) else (r.reason or f"HTTP {r.status_code}")
+    message: str = e["message"] if isinstance(e.get("message"), str) else (r.reason or f"HTTP {r.status_code}")
     details = e.get("details") if isinstance(e.get("details"), list) else []
     return ApiError(r.status_code, status, message[:2000], details)
 
 
-def _retry_after(r) -> float | None:
+def _retry_after(r: Any) -> float | None:
     try:
         return min(float(r.headers.get("Retry-After", "")), 30.0)
     except ValueError:
         return None
 
 
-def _connection_reason(e) -> str:
+def _connection_reason(e: Any) -> str:
     reason = getattr(e.args[0], "reason", None) if e.args else None
     return type(reason or (e.args[0] if e.args else e)).__name__
 
 
-def _not_sent(e) -> bool:
+def _not_sent(e: Any) -> bool:
     """A connection that was never established: the request cannot have reached the server."""
     from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
     inner = e.args[0] if e.args else None

@@ -9,8 +9,8 @@ from collections import Counter
 import pytest
 import requests
 
-from tests.service.conftest import wait_for
-from tests.service.ingest_fixtures import IngestStack, make_instances, stow_bursts
+from tests.support.function import wait_for
+from tests.support.ingest import IngestStack, make_instances, stow_bursts
 
 pytestmark = pytest.mark.timeout(900)
 

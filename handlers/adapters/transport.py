@@ -20,9 +20,11 @@ from __future__ import annotations
 import random
 import threading
 import time
+from typing import Any
 
-import config
-from handlers.lazy import once
+from handlers.core.lazy import once
+
+Obj = dict[str, Any]
 
 SCOPES = "https://www.googleapis.com/auth/cloud-platform"
 RETRYABLE = frozenset({408, 429, 500, 502, 503, 504})
@@ -45,14 +47,22 @@ class TokenError(Exception):
 
 
 # -- the session -------------------------------------------------------------------------------------------
+_pool = {"size": 32}
+
+
+def configure(*, concurrency: int) -> None:
+    """Size the session's pools for `concurrency` calls at once (handlers/wiring.py, before the first call)."""
+    _pool["size"] = max(32, concurrency + 8)
+
+
 @once
-def session():
+def session() -> Any:
     """The process's requests.Session, keeping enough connections per host for the poller's
     POLL_CONCURRENCY calls at once (requests keeps only 10 by default)."""
     import requests
     from requests.adapters import HTTPAdapter
     s = requests.Session()
-    size = max(32, config.get().poll_concurrency + 8)
+    size = _pool["size"]
     for prefix in ("https://", "http://"):
         s.mount(prefix, HTTPAdapter(pool_connections=8, pool_maxsize=size))
     return s
@@ -63,7 +73,7 @@ class Tokens:
     """No token (an emulator that needs none)."""
     refreshable = False
 
-    def header(self, *, refresh: bool = False) -> dict:
+    def header(self, *, refresh: bool = False) -> Obj:
         return {}
 
 
@@ -71,7 +81,7 @@ class Static(Tokens):
     def __init__(self, token: str):
         self._header = {"Authorization": f"Bearer {token}"}
 
-    def header(self, *, refresh: bool = False) -> dict:
+    def header(self, *, refresh: bool = False) -> Obj:
         return self._header
 
 
@@ -79,11 +89,12 @@ class _Cached(Tokens):
     refreshable = True
     MARGIN_S = 300.0  # refresh this long before expiry
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._token, self._expires = None, 0.0
+        self._token: str | None = None
+        self._expires = 0.0
 
-    def header(self, *, refresh: bool = False) -> dict:
+    def header(self, *, refresh: bool = False) -> Obj:
         with self._lock:
             if refresh or self._token is None or time.monotonic() >= self._expires - self.MARGIN_S:
                 self._token, lifetime = self._fetch()
@@ -131,9 +142,9 @@ class Metadata(_Cached):
 class Adc(_Cached):
     """Application Default Credentials (a key or user credentials file, gcloud's ADC) via google-auth."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
-        self._credentials = None
+        self._credentials: Any = None
 
     def _fetch(self) -> tuple[str, float]:
         import google.auth
@@ -157,15 +168,14 @@ class Adc(_Cached):
         return self._credentials.token, max(lifetime, self.MARGIN_S + 1.0)
 
 
-@once
-def cloud_tokens() -> Tokens:
-    """The process's token source for Google's own endpoints."""
-    s = config.get()
-    return Metadata(s.metadata_host) if s.on_google_cloud and not s.credentials_file else Adc()
+def cloud_tokens(*, metadata_host: str, on_google_cloud: bool, credentials_file: str | None) -> Tokens:
+    """A token source for Google's own endpoints: the metadata server on Google Cloud without a key file,
+    else Application Default Credentials (handlers/wiring.py makes one per process)."""
+    return Metadata(metadata_host) if on_google_cloud and not credentials_file else Adc()
 
 
 # -- calls -------------------------------------------------------------------------------------------------
-def request(method: str, url: str, *, tokens: Tokens, timeout, headers: dict | None = None, **kw):
+def request(method: str, url: str, *, tokens: Tokens, timeout: Any, headers: Obj | None = None, **kw: Any) -> Any:
     """One HTTP exchange with the token attached; a 401 refreshes a refreshable token and tries once more.
     Raises requests' exceptions and TokenError; returns the response whatever its status."""
     r = session().request(method, url, headers={**(headers or {}), **tokens.header()}, timeout=timeout, **kw)
@@ -175,7 +185,7 @@ def request(method: str, url: str, *, tokens: Tokens, timeout, headers: dict | N
     return r
 
 
-def error_of(r) -> HttpError:
+def error_of(r: Any) -> HttpError:
     """Google's error envelope {"error": {"code", "status", "message"}} (or what there is of it)."""
     try:
         e = r.json()
@@ -189,7 +199,7 @@ def error_of(r) -> HttpError:
 
 
 def call(method: str, url: str, *, tokens: Tokens, deadline: float, what: str, timeout_s: float = 30.0,
-         retry_statuses: frozenset = frozenset(), **kw):
+         retry_statuses: frozenset[str] = frozenset(), **kw: Any) -> Any:
     """A call that is safe to repeat, retried until `deadline` (time.monotonic()). Returns the 2xx response.
     Raises HttpError for a final answer, Unavailable when out of time. `retry_statuses` adds retryable
     google.rpc status names (Firestore's ABORTED, for one)."""
