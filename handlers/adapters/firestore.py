@@ -36,6 +36,7 @@ Obj = dict[str, Any]
 
 T = TypeVar("T")
 AGAIN: Any = object()  # returned by a cas step: the race was lost, start over
+RETRY = gh.Retry(rpc_statuses=frozenset({"ABORTED", "UNAVAILABLE"}))
 _SIMPLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _CONFLICT = frozenset({"ALREADY_EXISTS", "FAILED_PRECONDITION", "NOT_FOUND"})
 _CONFLICT_CODES = frozenset({5, 6, 9})  # google.rpc codes of the same, in batchWrite's per-write status
@@ -214,7 +215,7 @@ class Firestore:
     def _post(self, method: str, body: Obj) -> Any:
         return gh.call("POST", f"{self.base}{self.root}{method}", tokens=self.tokens, json=body,
                        deadline=time.monotonic() + self.timeout_s, timeout_s=self.timeout_s,
-                       what=f"Firestore {method.lstrip(':')}", retry_statuses=frozenset({"ABORTED", "UNAVAILABLE"}))
+                       what=f"Firestore {method.lstrip(':')}", retry=RETRY)
 
 
 # -- values ----------------------------------------------------------------------------------------------
