@@ -64,7 +64,6 @@ __all__ = ["Ingest", "Route", "arrival_id", "close_aged_batches", "handle", "req
 NOTIFICATION_RE = re.compile(
     r"^(projects/[^/\s]+/locations/[^/\s]+/datasets/[^/\s]+/dicomStores/[^/\s]+)"
     r"/dicomWeb/studies/([^/\s]{1,128})/series/([^/\s]{1,128})/instances/([^/\s]{1,128})$")
-STORE_ACTIONS = frozenset({"StoreInstances", "ImportDicomData"})
 
 
 # -- entry points --------------------------------------------------------------------------------------------
@@ -137,20 +136,13 @@ class Ingest:
             logs.warning("notification ignored: INGEST_ROUTES names no destination for this store",
                          ingestOutcome="unrouted", dicomStore=store, action=action or None)
             return "unrouted"
-        route = Route(store, table)
-        kind = ("arrival" if not action or action in STORE_ACTIONS
-                else "deletion" if action.startswith("Delete") else "other")
+        route, kind = Route(store, table), B.arrival_kind(action)
         version = str(attributes.get("versionId") or "")
         if kind != "arrival" and not version:
             version = f"message:{message_id}"
         t = now()
         arrived = published if published is not None and published <= t else t
-        doc = {"route": route.key, "store": store, "tableUri": table, "path": path, "kind": kind,
-               "state": {"arrival": B.PENDING, "deletion": B.DELETION}.get(kind, B.OTHER),
-               "action": action or None, "versionId": attributes.get("versionId"), "messageId": message_id,
-               "arrivedAt": arrived, "recordedAt": t, "batchId": None}
-        if kind != "arrival":
-            doc["expireAt"] = t + DEDUP_RETENTION
+        doc = B.arrival_doc(route, path, kind, attributes, message_id, arrived, t)
         self._ensure_route(route)
         created = self.ledger.record(arrival_id(text or "", kind, version), doc)
         fields = dict(dicomStore=store, path=path, action=action or None, tableUri=table)
