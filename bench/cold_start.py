@@ -34,7 +34,9 @@ STORE = "projects/bench-project/locations/us-central1/datasets/d/dicomStores/s"
 def push_body(data: dict | bytes, attributes: dict | None = None) -> dict:
     raw = data if isinstance(data, bytes) else json.dumps(data).encode()
     return {"message": {"data": base64.b64encode(raw).decode(), "attributes": attributes or {},
-                        "messageId": str(time.time_ns()), "publishTime": "2026-11-25T00:00:00Z"},
+                        "messageId": str(time.time_ns()),
+                        # now: an arrival published long ago would close an ingest batch by age at once
+                        "publishTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
             "subscription": "projects/bench-project/subscriptions/bench"}
 
 
@@ -50,7 +52,8 @@ def cases() -> list[tuple[str, str, str, dict | None, dict]]:
         ("export_status", str(ROOT), "export_status", None, {}),
         ("ingest_notification", str(ROOT), "ingest_notification",
          push_body(f"{STORE}/dicomWeb/studies/1.2/series/1.2.3/instances/1.2.3.4".encode()),
-         {"INGEST_ROUTES": routes, "INGEST_FILTER_BUCKET": "bench-filters"}),
+         # no batch closes (the arrivals of earlier runs never age out): no Cloud Storage write
+         {"INGEST_ROUTES": routes, "INGEST_FILTER_BUCKET": "bench-filters", "INGEST_BATCH_MAX_AGE_S": "86400"}),
     ]
 
 
