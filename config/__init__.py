@@ -67,6 +67,9 @@ class Settings:
     credentials_file: str | None = None  # GOOGLE_APPLICATION_CREDENTIALS
     on_google_cloud: bool = False  # K_SERVICE is set: Cloud Functions gen2 / Cloud Run
     metadata_host: str = "metadata.google.internal"
+    # Resource Manager: the service agent's project number in an export failure's remedy; BigQuery: preflight.
+    resource_manager_endpoint: str = "https://cloudresourcemanager.googleapis.com"
+    bigquery_endpoint: str = "https://bigquery.googleapis.com"
 
     @property
     def healthcare_is_local(self) -> bool:
@@ -246,20 +249,28 @@ def _endpoint_settings(env: Env) -> dict[str, Any]:
                 pubsub_emulator_host=_host_port(env, "PUBSUB_EMULATOR_HOST"),
                 storage_emulator_host=_host_port(env, "STORAGE_EMULATOR_HOST"),
                 credentials_file=env.get("GOOGLE_APPLICATION_CREDENTIALS", "").strip() or None,
-                on_google_cloud=bool(env.get("K_SERVICE", "").strip()), metadata_host=metadata)
+                on_google_cloud=bool(env.get("K_SERVICE", "").strip()), metadata_host=metadata,
+                resource_manager_endpoint=_api_root(env, "RESOURCE_MANAGER_API_ENDPOINT",
+                                                    "https://cloudresourcemanager.googleapis.com"),
+                bigquery_endpoint=_api_root(env, "BIGQUERY_API_ENDPOINT", "https://bigquery.googleapis.com"))
+
+
+def _api_root(env: Env, name: str, default: str) -> str:
+    """An API's root URL (NAME=https://..., Google's by default); plain http only for a loopback emulator."""
+    endpoint = (env.get(name, "").strip() or default).rstrip("/")
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise SettingsError(f"{name}={endpoint!r}: must be an http(s) URL such as {default}")
+    if parts.scheme == "http" and not is_loopback_url(endpoint):
+        # A bearer token must never travel in clear text: plain http only for a local emulator.
+        raise SettingsError(f"{name}={endpoint!r}: plain http is allowed only for a local "
+                            "emulator (localhost or a loopback address)")
+    return endpoint
 
 
 def _healthcare(env: Env) -> tuple[str, str]:
     """HEALTHCARE_API_ENDPOINT and HEALTHCARE_API_VERSION."""
-    endpoint = (env.get("HEALTHCARE_API_ENDPOINT", "").strip() or "https://healthcare.googleapis.com").rstrip("/")
-    parts = urlsplit(endpoint)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-        raise SettingsError(f"HEALTHCARE_API_ENDPOINT={endpoint!r}: must be an http(s) URL such as "
-                            "https://healthcare.googleapis.com")
-    if parts.scheme == "http" and not is_loopback_url(endpoint):
-        # A bearer token must never travel in clear text: plain http only for a local emulator.
-        raise SettingsError(f"HEALTHCARE_API_ENDPOINT={endpoint!r}: plain http is allowed only for a local "
-                            "emulator (localhost or a loopback address)")
+    endpoint = _api_root(env, "HEALTHCARE_API_ENDPOINT", "https://healthcare.googleapis.com")
 
     version = env.get("HEALTHCARE_API_VERSION", "").strip() or "v1"
     if version not in ("v1", "v1beta1"):

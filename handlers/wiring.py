@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from handlers.adapters.healthcare import Healthcare
     from handlers.adapters.ledger_store import Ledger
     from handlers.adapters.pubsub import Events
+    from handlers.adapters.resource_manager import ResourceManager
     from handlers.adapters.transport import Tokens
 
 _chosen: list[config.Settings] = []
@@ -106,6 +107,18 @@ def filter_files_for(s: config.Settings, bucket: str | None = None) -> FilterFil
                        tokens=None if host else _tokens())
 
 
+def resource_manager_for(s: config.Settings) -> ResourceManager:
+    """Project numbers, for an export failure's remedy. A loopback (emulator) endpoint gets no token unless an
+    ADC file is configured or the function runs on Google Cloud, as for the Healthcare API."""
+    from handlers.adapters import transport
+    from handlers.adapters.resource_manager import ResourceManager
+    transport.configure(concurrency=s.poll_concurrency)
+    local = config.is_loopback_url(s.resource_manager_endpoint)
+    needs_token = not local or s.credentials_file or s.on_google_cloud
+    return ResourceManager(s.resource_manager_endpoint, timeout_s=min(s.poll_call_timeout_s, 10.0),
+                           tokens=_tokens() if needs_token else None)
+
+
 def poller_for(s: config.Settings) -> tuple[Ledger, Healthcare, Events]:
     """New (ledger, healthcare, events) for settings `s`, sized for the poller's concurrency."""
     return (ledger_for(s), healthcare_for(s, timeout_s=s.poll_call_timeout_s, budget_s=s.poll_call_timeout_s),
@@ -146,4 +159,10 @@ def ingest() -> tuple[IngestLedger, Ledger, FilterFiles, Events]:
     return batch_store_for(s), ledger(), filter_files_for(s), publisher_for(s, s.requests_topic)
 
 
-_CACHED: tuple[Once[Any], ...] = (_tokens, _firestore, ledger, intake, poller, ingest)
+@once
+def resource_manager() -> ResourceManager:
+    """This instance's project numbers (asked only when an export failed for want of BigQuery grants)."""
+    return resource_manager_for(settings())
+
+
+_CACHED: tuple[Once[Any], ...] = (_tokens, _firestore, ledger, intake, poller, ingest, resource_manager)

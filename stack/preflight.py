@@ -67,20 +67,19 @@ class Http:
         return self._send("POST", url, what, json=body)
 
     def _send(self, method: str, url: str, what: str, **kw) -> dict | None:
-        import requests
+        """One attempt through the functions' transport (handlers/adapters/transport.py), within the time limit."""
+        import time
 
-        from handlers.adapters import google_http as transport
+        from handlers.adapters import transport
         try:
-            r = transport.request(method, url, tokens=self.tokens, timeout=(min(5.0, self.timeout_s),
-                                                                            self.timeout_s), **kw)
-        except requests.Timeout:
-            raise CallFailed(f"cannot read {what}: no answer within {self.timeout_s:g} s") from None
-        except (requests.RequestException, transport.TokenError) as e:
-            raise CallFailed(f"cannot read {what}: {type(e).__name__}") from None
-        if r.status_code == 404:
-            return None
-        if not 200 <= r.status_code < 300:
-            raise CallFailed(f"cannot read {what}: {transport.error_of(r)}")
+            r = transport.call(method, url, tokens=self.tokens, deadline=time.monotonic() + self.timeout_s,
+                               what=f"cannot read {what}", timeout_s=self.timeout_s, max_attempts=1, **kw)
+        except transport.HttpError as e:
+            if e.http_status == 404:
+                return None
+            raise CallFailed(f"cannot read {what}: {e.http_status} {e.status}: {e.message}") from None
+        except transport.Unavailable as e:
+            raise CallFailed(f"{e} (time limit {self.timeout_s:g} s)") from None
         try:
             body = r.json()
         except ValueError:
@@ -128,9 +127,7 @@ def target(settings, args) -> Target:
         project=project, local=local, region=args.region, service_account=f"{args.service_account}@{project}"
         ".iam.gserviceaccount.com", healthcare=settings.healthcare_endpoint,
         healthcare_version=settings.healthcare_version,
-        bigquery=_endpoint(settings, "bigquery_endpoint", "BIGQUERY_API_ENDPOINT", "https://bigquery.googleapis.com"),
-        resource_manager=_endpoint(settings, "resource_manager_endpoint", "RESOURCE_MANAGER_API_ENDPOINT",
-                                   "https://cloudresourcemanager.googleapis.com"),
+        bigquery=settings.bigquery_endpoint, resource_manager=settings.resource_manager_endpoint,
         pubsub=f"http://{settings.pubsub_emulator_host}" if settings.pubsub_emulator_host
         else "https://pubsub.googleapis.com",
         firestore=f"http://{settings.firestore_emulator_host}" if settings.firestore_emulator_host
@@ -139,10 +136,6 @@ def target(settings, args) -> Target:
         dataset_patterns=tuple(dict.fromkeys((*settings.allowed_bq_datasets, *routed))), routes=routes,
         store_projects=store_projects,
         healthcare_datasets=hc_sets)
-
-
-def _endpoint(settings, attr: str, name: str, default: str) -> str:
-    return str(getattr(settings, attr, None) or os.environ.get(name, "").strip() or default).rstrip("/")
 
 
 def _literal_project(store_pattern: str) -> str | None:
@@ -474,7 +467,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args, out=print) -> int:
     import config
-    from handlers.adapters import google_http as transport
+    from handlers.adapters import transport
 
     try:
         settings = config.load()
@@ -482,6 +475,7 @@ def main(args, out=print) -> int:
         out(f"✗ settings: {e}; fix: correct the environment variable it names")
         return 1
     t = target(settings, args)
+    transport.configure(concurrency=4)
     tokens = transport.Tokens() if t.local else transport.Adc()
     pf = Preflight(t, Http(tokens, args.timeout))
     out(f"preflight of project {t.project} ({'local stack' if t.local else 'Google Cloud'})")

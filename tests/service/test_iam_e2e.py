@@ -14,12 +14,12 @@ import sys
 
 import pytest
 
-from handlers.adapters import ledger as L
+from handlers.core import ledger as L
 from healthcare_emulator import iam
-from tests.service.conftest import PROJECT, wait_for
-from tests.service.test_poller_support import PollerProcess, pull
 from tests.support import dicom_files, procs
+from tests.support.function import PROJECT, wait_for
 from tests.support.hcapi import HC, unique
+from tests.support.poller import PollerProcess, pull
 
 AGENT = iam.service_agent(iam.project_number(PROJECT))
 
