@@ -15,7 +15,7 @@ def test_the_number_is_asked_once_and_kept(hc):
     assert rm.project_number("rm-proj-one") == iam.project_number("rm-proj-one")
 
 
-def test_without_an_answer_it_is_none_and_asked_again_later():
+def test_without_an_answer_it_is_none():
     closed = procs.free_port()
     rm = ResourceManager(f"http://127.0.0.1:{closed}", timeout_s=1, tokens=None)
     assert rm.project_number("rm-proj-two") is None
