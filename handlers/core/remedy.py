@@ -49,7 +49,7 @@ def applies(error: Mapping[str, Any] | None, table_uri: Any, *, operation: bool 
         return operation or "bigquery" in message.lower()
     project, dataset = dest
     return code == NOT_FOUND and re.search(r"\bdataset\b", message, re.I) is not None and any(
-        ref in message for ref in (f"{project}:{dataset}", f"{project}.{dataset}", f"datasets/{dataset}"))
+        ref in message for ref in (f"{project}:{dataset}", f"{project}.{dataset}", f"projects/{project}/datasets/{dataset}"))
 
 
 def build(error: Mapping[str, Any] | None, store: Any, table_uri: Any, number: str | None, *,

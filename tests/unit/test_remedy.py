@@ -38,6 +38,7 @@ def test_a_missing_destination_dataset_is_created_then_granted(message):
     {"code": 5, "message": "operation projects/p/locations/l/datasets/d/operations/1 is no longer known"},
     {"code": 5, "message": "Failed to read filter file gs://b/o: the bucket or object does not exist"},
     {"code": 5, "message": "Not found: Dataset other-proj:imaging"},
+    {"code": 5, "message": "dataset not found: projects/bq-proj/locations/us/datasets/imaging"},  # Healthcare's
     {"code": 9, "message": "Destination table is not empty"},
     {"code": 1, "message": "Operation was cancelled."},
     None,
