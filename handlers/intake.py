@@ -374,7 +374,8 @@ def _with_remedy(doc: Doc, error: Doc) -> Doc:
     that failure. Never fails the request: without it, the error as the API gave it."""
     from handlers.core import remedy
     try:
-        return remedy.with_remedy(error, doc, wiring.resource_manager().project_number, operation=False)
+        return remedy.with_remedy(error, doc, lambda p: wiring.resource_manager().project_number(p),
+                                  operation=False)
     except Exception as e:  # noqa: BLE001 - a remedy is help, not the outcome
         logs.warning(f"could not build the remedy of a refused export: {type(e).__name__}")
         return error

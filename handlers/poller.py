@@ -253,7 +253,7 @@ def _with_remedy(doc: Doc, error: Doc) -> Doc:
     from Resource Manager (once per instance). Never fails the poll: without it, the error as the API gave it."""
     from handlers.core import remedy
     try:
-        return remedy.with_remedy(error, doc, wiring.resource_manager().project_number)
+        return remedy.with_remedy(error, doc, lambda p: wiring.resource_manager().project_number(p))
     except Exception as e:  # noqa: BLE001 - a remedy is help, not the outcome
         logs.warning(f"could not build the remedy of a failed export: {type(e).__name__}")
         return error
