@@ -93,8 +93,8 @@ from datetime import datetime, timezone
 from typing import Any, Iterator
 
 import pydicom
-from pydicom.dataelem import RawDataElement
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from werkzeug.wrappers import Request, Response
 
@@ -599,7 +599,7 @@ def _store_part(ctx, store: str, base: str, url_study: str | None, index: int,
     item = {"00081150": {"vr": "UI", "Value": [sop_class]},
             "00081155": {"vr": "UI", "Value": [sop]},
             T_RETRIEVE_URL: {"vr": "UR", "Value": [_url(base, study, series, sop)]}}
-    return {"ok": True, "item": item, "study": study}
+    return {"ok": True, "item": item, "study": study, "created": created}
 
 
 def _str_value(ds: Dataset, keyword: str) -> str | None:

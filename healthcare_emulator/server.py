@@ -31,7 +31,7 @@ SEG = r"([^/:]+)"
 DATASETS = re.compile(rf"^projects/{SEG}/locations/{SEG}/datasets$")
 DATASET = re.compile(rf"^projects/{SEG}/locations/{SEG}/datasets/{SEG}$")
 STORES = re.compile(rf"^projects/{SEG}/locations/{SEG}/datasets/{SEG}/dicomStores$")
-STORE = re.compile(rf"^projects/{SEG}/locations/{SEG}/datasets/{SEG}/dicomStores/{SEG}(:export)?$")
+STORE = re.compile(rf"^projects/{SEG}/locations/{SEG}/datasets/{SEG}/dicomStores/{SEG}(:export|:import|:getDICOMStoreMetrics)?$")
 DICOMWEB = re.compile(rf"^projects/{SEG}/locations/{SEG}/datasets/{SEG}/dicomStores/{SEG}/dicomWeb(?:/(.*))?$")
 OPERATIONS = re.compile(rf"^projects/{SEG}/locations/{SEG}/datasets/{SEG}/operations$")
 OPERATION = re.compile(rf"^projects/{SEG}/locations/{SEG}/datasets/{SEG}/operations/{SEG}(:cancel)?$")
@@ -140,6 +140,10 @@ class App:
             _check_ids(DICOMWEB.match(f"projects/{p}/locations/{l}/datasets/{d}/dicomStores/{s}/dicomWeb"))
             store = f"projects/{p}/locations/{l}/datasets/{d}/dicomStores/{s}"
             self.require_store(store)
+            if method == "GET" and sub and ":" in sub:  # studies/X:getStudyMetrics, .../series/Y:getSeriesMetrics
+                from . import metrics
+                if (out := metrics.dicomweb_metrics(self, store, sub.strip("/"))) is not None:
+                    return json_response(out)
             from . import dicomweb
             return dicomweb.handle(self, store, method, (sub or "").strip("/"), request)
         if m := DATASETS.match(rest):
@@ -167,9 +171,17 @@ class App:
         elif m := STORE.match(rest):
             p, l, d, s = _check_ids(m)
             name = f"projects/{p}/locations/{l}/datasets/{d}/dicomStores/{s}"
-            if m.group(5):  # :export
+            if m.group(5) == ":export":
                 if method == "POST":
                     return self.operations.start_export(request, version, name, read_json(request))
+            elif m.group(5) == ":import":
+                if method == "POST":
+                    from . import imports
+                    return imports.start_import(self, request, version, name, read_json(request))
+            elif m.group(5):  # :getDICOMStoreMetrics
+                if method == "GET":
+                    from . import metrics
+                    return json_response(metrics.store_metrics(self, name))
             elif method == "GET":
                 return json_response(self.require_store(name))
             elif method == "PATCH":
