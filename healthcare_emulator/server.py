@@ -77,6 +77,8 @@ class App:
         self.state = State(data_dir)
         self.operations = Operations(self)
         self.notifier = None
+        from .streaming import Streamer  # streamConfigs: stored instances appended to BigQuery tables
+        self.streamer = Streamer(self)
         if os.environ.get("PUBSUB_EMULATOR_HOST"):
             from .notifications import Notifier  # store notifications through Google's Pub/Sub emulator
             self.notifier = Notifier(self)
@@ -91,6 +93,10 @@ class App:
                 self.notifier(store, action, instance)
         except Exception:  # storing must succeed even when a notification cannot be sent
             log.exception("notification for %s failed", store)
+        try:
+            self.streamer(store, action, instance)
+        except Exception:  # nor when it cannot be streamed
+            log.exception("streaming for %s failed", store)
 
     # -- WSGI ----------------------------------------------------------------------------------
     def __call__(self, environ, start_response):
@@ -277,10 +283,8 @@ class App:
         if any(topics) and self.notifier is None:
             log.warning("notifications to %s will not be sent: set PUBSUB_EMULATOR_HOST to publish them "
                         "through Google's Pub/Sub emulator", ", ".join(t for t in topics if t))
-        for i, sc in enumerate(body.get("streamConfigs", [])):
-            from .operations import parse_table_uri
-            parse_table_uri(sc.get("bigqueryDestination", {}).get("tableUri", ""),
-                            f"stream_configs[{i}].bigquery_destination.table_uri")
+        from .streaming import check_configs
+        check_configs(body.get("streamConfigs", []))
 
     def create_store(self, request: Request, dataset: str) -> Response:
         self.require_dataset(dataset)
