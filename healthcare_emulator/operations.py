@@ -502,11 +502,17 @@ class Operations:
             schema = dicom_bq.union_schemas(existing["schema"], schema, prefer="left")
 
         def batches():
+            from .warehouse import conform_batch, normalize_schema
+            final = normalize_schema(schema)
             for path, chunk_schema, conflict in parts:
-                rows = mapper.load_chunk(path)
-                if not as_json and (conflict or not mapper.fits(schema, chunk_schema)):
-                    rows = [dicom_bq.conform_row(r, schema) for r in rows]
-                yield rows
+                if not os.path.exists(path):  # a chunk with no row
+                    continue
+                if as_json or not (conflict or not mapper.fits(schema, chunk_schema)):
+                    chunk = normalize_schema(chunk_schema)
+                    for b in mapper.load_batches(path):
+                        yield conform_batch(b, chunk, final)
+                else:
+                    yield [dicom_bq.conform_row(r, schema) for r in mapper.load_chunk(path)]
                 os.unlink(path)
 
         try:

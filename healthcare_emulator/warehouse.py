@@ -922,9 +922,13 @@ class Warehouse:
             if cancelled is not None and cancelled():
                 raise WarehouseError("CANCELLED", f"Write to {label} was cancelled")
             for batch in batches:
-                if isinstance(batch, pa.RecordBatch):  # Arrow data already in the target schema
+                if isinstance(batch, pa.RecordBatch):  # Arrow data in the schema given (``fields``)
                     if not batch.schema.equals(writer.schema):
-                        raise _invalid(f"Arrow batch for {label} does not have the table's schema")
+                        try:
+                            batch = _conform_batch(batch, fields, target, writer.schema)
+                        except (KeyError, pa.ArrowException) as exc:
+                            raise _invalid(f"Arrow batch for {label} does not have the schema given: "
+                                           f"{exc}") from None
                     writer.add_batch(batch)
                 else:
                     writer.add_rows(list(batch))
