@@ -27,6 +27,8 @@ then runs in the operations' background pool:
   `sendForBulkImport` is true (see notifications.py). Streaming (`streamConfigs`) gets every imported
   instance, as it gets every stored one.
 - Cancel: `operations.cancel` stops the import between files (code 1); instances imported before it stay.
+- Slow mode (`--export-rate R`, for tests and demos) imports R files per second, one at a time, so the
+  counters can be watched and the import cancelled while it runs.
 """
 from __future__ import annotations
 
@@ -186,11 +188,12 @@ class _Run:
         return iter((obj,))
 
     def _import(self, bucket, names) -> None:
-        sem = threading.BoundedSemaphore(IN_FLIGHT)
+        rate = self.app.options.export_instances_per_s  # slow mode (--export-rate): files per second
+        sem = threading.BoundedSemaphore(1 if rate else IN_FLIGHT)
         with ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="import-file") as pool:
             futures = set()
             for obj in names:
-                if self.cancel.is_set():
+                if self.cancel.is_set() or (rate and self.cancel.wait(1.0 / rate)):
                     break
                 sem.acquire()
                 with self.lock:

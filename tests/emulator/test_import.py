@@ -1,13 +1,14 @@
 """dicomStores.import from Cloud Storage (fake-gcs-server), through gcloud, the discovery client and REST.
 
 The session's `hc` emulator reads gs:// objects from the session's `gcs` (fake-gcs-server). Every wait is
-the emulator's `/emulator/wait/{operation}` (a condition with a deadline), never a sleep.
+the emulator's `/emulator/wait/{operation}` (a condition with a deadline) or a poll with a deadline, never a sleep.
 """
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
+import time
 
 import pydicom
 import pytest
@@ -209,3 +210,41 @@ def test_discovery_client_imports_and_reports_the_operation(hc, api, gcs_client,
         assert got["response"]["@type"] == f"type.googleapis.com/google.cloud.healthcare.{version}.dicom." \
                                            "ImportDicomDataResponse"
         assert sops_in(api, store) == {sop_of(four["rt"])}
+
+
+@pytest.fixture(scope="module")
+def slow_hc(logs_dir, tmp_path_factory, gcs):
+    """An emulator in slow mode: 2 files per second, so counters can be read and the import cancelled."""
+    from tests.support import procs
+    svc = procs.healthcare_emulator(logs_dir, tmp_path_factory.mktemp("hc-slow-import"), "--export-rate", "2",
+                                    env={"STORAGE_EMULATOR_HOST": gcs.url}, name="healthcare-emulator-slow-import")
+    svc.start()
+    yield svc
+    svc.stop()
+
+
+def test_counters_while_it_runs_and_cancel(slow_hc, gcs_client, four):
+    api = HC(slow_hc.url, project=PROJECT)
+    bucket = gcs_client.create_bucket(unique("imp-slow"))
+    for i in range(40):
+        upload(bucket, f"many/{i:02d}.dcm", four["ct"] if i == 0 else dicom_files.with_uids(
+            four["ct"], four["ct"].parent / f"slow-{i}.dcm"))
+    store = api.store()
+    r = api.post(f"{store}:import", json={"gcsSource": {"uri": f"gs://{bucket.name}/many/*"}})
+    assert r.status_code == 200, r.text
+    name = r.json()["name"]
+
+    def running_with_progress():
+        op = api.get(name).json()
+        c = op["metadata"]["counter"]
+        return op if not op.get("done") and int(c.get("success", 0)) >= 2 and int(c.get("pending", 0)) >= 1 else None
+    deadline = time.monotonic() + 60
+    while (op := running_with_progress()) is None:
+        assert time.monotonic() < deadline, api.get(name).json()
+        time.sleep(0.1)  # poll interval
+    assert api.post(f"{name}:cancel", json={}).status_code == 200
+    op = api.wait(name)
+    assert op["error"]["code"] == 1, op
+    done = int(op["metadata"]["counter"]["success"])
+    assert 2 <= done < 40 and "pending" not in op["metadata"]["counter"]
+    assert len(sops_in(api, store)) == done  # what was imported before the cancel stays
