@@ -117,6 +117,14 @@ def start_import(app, request: Request, version: str, store: str, raw: object) -
     return json_response(op)
 
 
+def start_route(app, call):
+    """POST .../dicomStores/S:import (server.ROUTES)."""
+    from .http_util import read_json
+    p, loc, d, s = call.ids[:4]
+    store = f"projects/{p}/locations/{loc}/datasets/{d}/dicomStores/{s}"
+    return start_import(app, call.request, call.version, store, read_json(call.request))
+
+
 class _Run:
     """One import's state while it runs (counters, log entries, cancel)."""
 

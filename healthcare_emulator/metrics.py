@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import re
 
-from .errors import not_found
+from .errors import invalid, not_found
 
-UID = r"([0-9.]{1,64})"
-STUDY_METRICS = re.compile(rf"^studies/{UID}:getStudyMetrics$")
-SERIES_METRICS = re.compile(rf"^studies/{UID}/series/{UID}:getSeriesMetrics$")
+UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+STUDY_METRICS = re.compile(r"^studies/([^/:]+):getStudyMetrics$")
+SERIES_METRICS = re.compile(r"^studies/([^/:]+)/series/([^/:]+):getSeriesMetrics$")
 
 
 def _int64(out: dict, key: str, value) -> None:
@@ -46,27 +46,68 @@ def store_metrics(app, store: str) -> dict:
     return out
 
 
+def _uid(value: str, what: str) -> str:
+    if len(value) > 64 or not UID_RE.match(value):
+        raise invalid(f"Invalid {what} UID {value[:80]!r}: a UID is digits and dots, at most 64 characters.",
+                      what)
+    return value
+
+
+def study_metrics(app, store: str, study: str) -> dict:
+    _uid(study, "study")
+    r = _aggregate(app.state, "store = ? AND study = ?", (store, study))
+    if not r["instances"]:
+        raise not_found(f"Study {study} not found in {store}.")
+    out = {"study": f"{store}/dicomWeb/studies/{study}"}
+    _int64(out, "structuredStorageSizeBytes", r["structured"])
+    _int64(out, "blobStorageSizeBytes", r["blob"])
+    _int64(out, "instanceCount", r["instances"])
+    _int64(out, "seriesCount", r["series"])
+    return out
+
+
+def series_metrics(app, store: str, study: str, series: str) -> dict:
+    _uid(study, "study")
+    _uid(series, "series")
+    r = _aggregate(app.state, "store = ? AND study = ? AND series = ?", (store, study, series))
+    if not r["instances"]:
+        raise not_found(f"Series {series} of study {study} not found in {store}.")
+    out = {"series": f"{store}/dicomWeb/studies/{study}/series/{series}"}
+    _int64(out, "blobStorageSizeBytes", r["blob"])
+    _int64(out, "instanceCount", r["instances"])
+    _int64(out, "structuredStorageSizeBytes", r["structured"])
+    return out
+
+
 def dicomweb_metrics(app, store: str, sub: str) -> dict | None:
     """The metrics a `dicomWeb/...:getStudyMetrics|getSeriesMetrics` path asks for; None if it asks for none."""
     if m := STUDY_METRICS.match(sub):
-        study = m.group(1)
-        r = _aggregate(app.state, "store = ? AND study = ?", (store, study))
-        if not r["instances"]:
-            raise not_found(f"Study {study} not found in {store}.")
-        out = {"study": f"{store}/dicomWeb/studies/{study}"}
-        _int64(out, "structuredStorageSizeBytes", r["structured"])
-        _int64(out, "blobStorageSizeBytes", r["blob"])
-        _int64(out, "instanceCount", r["instances"])
-        _int64(out, "seriesCount", r["series"])
-        return out
+        return study_metrics(app, store, m.group(1))
     if m := SERIES_METRICS.match(sub):
-        study, series = m.groups()
-        r = _aggregate(app.state, "store = ? AND study = ? AND series = ?", (store, study, series))
-        if not r["instances"]:
-            raise not_found(f"Series {series} of study {study} not found in {store}.")
-        out = {"series": f"{store}/dicomWeb/studies/{study}/series/{series}"}
-        _int64(out, "blobStorageSizeBytes", r["blob"])
-        _int64(out, "instanceCount", r["instances"])
-        _int64(out, "structuredStorageSizeBytes", r["structured"])
-        return out
+        return series_metrics(app, store, *m.groups())
     return None
+
+
+# -- routes (server.ROUTES): handler(app, call) ---------------------------------------------------------
+def _store_of(call) -> str:
+    p, loc, d, s = call.ids[:4]
+    return f"projects/{p}/locations/{loc}/datasets/{d}/dicomStores/{s}"
+
+
+def store_route(app, call):
+    from .http_util import json_response
+    return json_response(store_metrics(app, _store_of(call)))
+
+
+def study_route(app, call):
+    from .http_util import json_response
+    store = _store_of(call)
+    app.require_store(store)
+    return json_response(study_metrics(app, store, call.ids[4]))
+
+
+def series_route(app, call):
+    from .http_util import json_response
+    store = _store_of(call)
+    app.require_store(store)
+    return json_response(series_metrics(app, store, call.ids[4], call.ids[5]))
