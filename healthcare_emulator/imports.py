@@ -85,8 +85,8 @@ def parse_source_uri(uri: object) -> tuple[str, str, re.Pattern | None, str]:
 
 
 def start_import(app, request: Request, version: str, store: str, raw: object) -> Response:
-    from .operations import now
-    from .server import json_response
+    from .http_util import json_response
+    from .http_util import now_rfc3339 as now
 
     ops = app.operations
     state = app.state
@@ -214,7 +214,7 @@ class _Run:
             for f in futures:
                 f.result()
         if self.cancel.is_set():
-            from .operations import Cancelled
+            from .export import Cancelled
             self.progress(force=True)
             raise Cancelled()
 
@@ -237,11 +237,12 @@ class _Run:
             if not outcome["ok"]:
                 detail = outcome["item"].get(dicomweb.FAILURE_DETAIL_TAG, {}).get("Value", [""])[0]
                 detail = detail.replace("Part 1 is", "the file is").replace("Part 1: ", "")
-                self.failed(obj, 3, detail)
-            elif not outcome.get("created", True):
-                sop = outcome["item"]["00081155"]["Value"][0]
-                self.failed(obj, 6, f"an instance with SOP Instance UID {sop} already exists in the store; "
-                                    "the stored instance is kept (imports never overwrite)")
+                sop = (outcome["item"].get("00081155", {}).get("Value") or [None])[0]
+                if sop and "already exists" in detail:
+                    self.failed(obj, 6, f"an instance with SOP Instance UID {sop} already exists in the store; "
+                                        "the stored instance is kept (imports never overwrite)")
+                else:
+                    self.failed(obj, 3, detail)
             else:
                 with self.lock:
                     self.success += 1
@@ -268,7 +269,7 @@ class _ImportContext:
 
 def run(ops, name: str, req: dict) -> None:
     """The operation's body (called from the operations' pool; ends the operation)."""
-    from .operations import Cancelled
+    from .export import Cancelled
 
     job = _Run(ops, name, req["store"], req["body"], req.get("version", "v1"))
     try:
@@ -297,8 +298,8 @@ def write_logs(state, op: str, entries: list[tuple[str, str, int, str]]) -> None
     """Append import log entries (severity, gs:// URI, code, message) to the operation's logs."""
     if not entries:
         return
-    from .operations import now
-    t = now()
+    from .http_util import now_rfc3339
+    t = now_rfc3339()
     with state.tx() as db:
         seq = db.execute("SELECT COALESCE(MAX(seq), 0) FROM operation_logs WHERE operation = ?", (op,)).fetchone()[0]
         db.executemany("INSERT INTO operation_logs VALUES (?, ?, ?)", [

@@ -1,16 +1,21 @@
 """DICOM store notifications, published through Google's Pub/Sub emulator (`PUBSUB_EMULATOR_HOST`).
 
 For every instance stored or deleted, one message per configured topic, in the real API's format
-(healthcare-api.md §F, and the discovery document's `DicomNotificationConfig.pubsubTopic` text):
+(Google's Pub/Sub notification documentation for DICOM stores, and the discovery document's
+`DicomNotificationConfig.pubsubTopic` text):
 
 - `notificationConfig.pubsubTopic` (legacy): data = the instance's resource name
   `projects/P/locations/L/datasets/D/dicomStores/S/dicomWeb/studies/X/series/Y/instances/Z`,
-  no attributes ("DICOM Pub/Sub notifications don't contain an attributes field").
+  no attributes ("DICOM Pub/Sub notifications don't contain an attributes field"), and only for
+  stored instances: the DicomStore field is documented as "Notification destination for new DICOM
+  instances", so a delete sends nothing there (deletes are notified through `notificationConfigs`).
 - each `notificationConfigs[].pubsubTopic`: the same data, with the documented attributes `action`
   (`StoreInstances`, `DeleteInstance`, `DeleteSeries`, `DeleteStudy`: the endpoint's name),
   `storeName`, `studyInstanceUID`, `seriesInstanceUID`, `sopInstanceUID`, `versionId`,
   `lastUpdatedTime` (RFC 1123), `modality` (when the instance has one) and, for stores,
-  `storageClass` (`STANDARD`).
+  `storageClass` (`STANDARD`). A delete of a series or a study sends one message per instance it
+  removed, each naming that instance, with `action` `DeleteSeries` / `DeleteStudy`; `versionId` is
+  the deleted version's, `lastUpdatedTime` the time of the delete.
 
 Imported instances (`dicomStores.import`) are sent with the action `ImportDicomData` to every
 `notificationConfigs[]` topic, and to the legacy topic only when `notificationConfig.sendForBulkImport`
@@ -72,7 +77,9 @@ def messages_for(store_resource: dict, store: str, action: str, instance: dict) 
     out = []
     legacy_config = store_resource.get("notificationConfig") or {}
     legacy = legacy_config.get("pubsubTopic")
-    if legacy and (action != "ImportDicomData" or legacy_config.get("sendForBulkImport")):
+    # the legacy config is for new instances only: stored, or imported when sendForBulkImport is set
+    if legacy and (action == "StoreInstances" or (action == "ImportDicomData"
+                                                  and legacy_config.get("sendForBulkImport"))):
         out.append((legacy, data, {}))
     configs = store_resource.get("notificationConfigs") or []
     if configs:

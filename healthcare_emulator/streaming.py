@@ -48,7 +48,7 @@ STREAMED_ACTIONS = ("StoreInstances", "ImportDicomData")
 
 def check_configs(configs: list) -> None:
     """400 for a stream config whose table URI breaks BigQuery's naming rules, or names a table twice."""
-    from .operations import parse_table_uri
+    from .export import parse_table_uri
     seen: dict[tuple, int] = {}
     for i, sc in enumerate(configs or []):
         field = f"stream_configs[{i}].bigquery_destination.table_uri"
@@ -122,7 +122,7 @@ class Streamer:
 
     def _append(self, uri: str, as_json: bool, source: str | None, items: list[tuple[str, str]]) -> None:
         from . import dicom_bq
-        from .operations import parse_table_uri
+        from .export import parse_table_uri
 
         project, dataset, table = parse_table_uri(uri)
         db = self.app.state.db()

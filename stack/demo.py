@@ -193,6 +193,8 @@ LIMIT 10;"""
                 raise StepFailed(f"append: {event['eventType']}, rows {before} -> {after} "
                                  f"(expected +{study['n']})")
             print(f"  rows: {before} -> {after}")
+        print(f"\nweb console: {hc}/console (Datasets, Export, Operations, BigQuery, Service); the demo stops it now:"
+              "\n  `make up` keeps the stack running, its console at <healthcare URL>/console (`make down` stops it)")
         print("\ndemo finished: every step passed")
         return 0
     except StepFailed as e:

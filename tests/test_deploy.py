@@ -102,7 +102,7 @@ def test_help_documents_every_setting():
 
 
 def test_least_privilege_bigquery_grants():
-    """Issue 16 item 4: the Healthcare service agent of each source project gets dataEditor on each allowed
+    """Least privilege (docs/operations.md, "Deploying"): the Healthcare service agent of each source project gets dataEditor on each allowed
     (or routed) dataset, never on a project, and jobUser on each destination project; the runtime account
     dataEditor on the routed datasets only, and jobUser on their projects."""
     from tests.deploy.plan import dry_run as plan_of
