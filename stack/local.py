@@ -15,8 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stack import console
-from stack.services import ROOT, Service, firestore_emulator, free_port, gcs_emulator, healthcare_emulator, \
-    pubsub_emulator
+from stack.services import (
+    ROOT,
+    Service,
+    firestore_emulator,
+    free_port,
+    gcs_emulator,
+    healthcare_emulator,
+    pubsub_emulator,
+)
 
 PROJECT = "demo-project"
 LOCATION = "us-central1"

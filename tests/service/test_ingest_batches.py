@@ -10,9 +10,9 @@ from collections import Counter
 
 import pytest
 
-from handlers import request as req
-from tests.service.conftest import wait_for
-from tests.service.ingest_fixtures import instance_path, pieces, store_name  # noqa: F401 (fixture)
+from handlers.core import request as req
+from tests.support.function import wait_for
+from tests.support.ingest import instance_path, store_name
 
 TABLE = "bq://test-project.ingest.dicom"
 

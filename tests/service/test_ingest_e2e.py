@@ -1,4 +1,4 @@
-"""Ingest end to end on the local stack (issue 7's tests): real DICOM instances STOWed into a Healthcare
+"""Ingest end to end on the local stack: real DICOM instances STOWed into a Healthcare
 emulator store whose notifications feed ingest_notification over a Pub/Sub push subscription; batches go
 through the real intake and poller processes; rows are counted in the emulator's BigQuery warehouse.
 Nothing is mocked and nothing waits on a fixed sleep: every wait is a condition with a deadline."""
@@ -9,8 +9,8 @@ from collections import Counter
 import pytest
 import requests
 
-from tests.service.conftest import wait_for
-from tests.service.ingest_fixtures import IngestStack, make_instances, stow_bursts
+from tests.support.function import wait_for
+from tests.support.ingest import IngestStack, make_instances, stow_bursts
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -125,8 +125,8 @@ def test_with_one_concurrent_operation_batches_queue_and_all_complete(stack_fact
 
 def test_updates_and_deletions_with_schema_json_and_the_latest_row_view(stack_factory, tmp_path):
     """A route with schemaJson (LastUpdated per row). An instance deleted and stored again with new content is
-    exported again (a second row); the deletion is logged and counted, not exported; the README's view keyed on
-    SOPInstanceUID returns one row per instance, the latest."""
+    exported again (a second row); the deletion is logged and counted, not exported; the view keyed on
+    SOPInstanceUID (docs/design.md, "Deletions, updates, and the latest row per instance") returns one row per instance, the latest."""
     from tests.support.dicom_files import path, with_uids
 
     st = stack_factory(["j"], route_options={"j": {"schemaJson": {}}}, max_n=100, max_age_s=1)

@@ -1,17 +1,17 @@
 """The poller's outcomes, one tick at a time: the handler's code runs in-process against Google's Firestore
 and Pub/Sub emulators and the Healthcare emulator, over sockets. Events are pulled from the events topic and
-checked field by field against the contract (§2); logs are read as the JSON lines Cloud Logging parses."""
+checked field by field against the contract (docs/contract.md, "Events"); logs are read as the JSON lines Cloud Logging parses."""
 from __future__ import annotations
 
 from datetime import timedelta
 
 import pytest
 
-from handlers.adapters import ledger as L
-from tests.service.conftest import PROJECT, wait_for
-from tests.service.test_poller_support import (EVENT_FIELDS, Poller, bq_mk, for_request, log_lines, table)
+from handlers.core import ledger as L
 from tests.support import dicom_files, procs
+from tests.support.function import PROJECT, wait_for
 from tests.support.hcapi import HC, unique
+from tests.support.poller import EVENT_FIELDS, Poller, bq_mk, for_request, log_lines, table
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def three(tmp_path_factory):
 @pytest.fixture(scope="module")
 def harness(request, pubsub_clients, pubsub, firestore, logs_dir, hc):
     """Ledger collection, events topic and pull subscription of this module's poller."""
-    from tests.service.conftest import Function
+    from tests.support.function import Function
     f = Function("poller", pubsub_clients, pubsub, firestore, logs_dir, hc.url, push_subscriptions=0)
     bq_mk(hc.data_dir)
     yield f

@@ -9,11 +9,11 @@ import sys
 
 import pytest
 
-from handlers.adapters import ledger as L
-from tests.service.conftest import PROJECT, valid_request, wait_for
-from tests.service.test_poller_support import EVENT_FIELDS, PollerProcess, bq_mk, pull
+from handlers.core import ledger as L
 from tests.support import dicom_files, procs
+from tests.support.function import PROJECT, valid_request, wait_for
 from tests.support.hcapi import unique
+from tests.support.poller import EVENT_FIELDS, PollerProcess, bq_mk, pull
 
 
 def test_request_to_completion_through_pubsub(make_function, pubsub_clients, logs_dir, hc, hcapi, tmp_path):
@@ -74,7 +74,7 @@ def test_cold_start_imports_only_what_the_poller_uses():
     code = ("import sys, main\n"
             "from handlers import poller\n"
             "print(sorted(m for m in sys.modules if m.startswith(('google.cloud.firestore', 'google.cloud.pubsub', "
-            "'grpc', 'requests', 'google.auth', 'google.api_core', 'handlers.intake', 'handlers.request'))))")
+            "'grpc', 'requests', 'google.auth', 'google.api_core', 'handlers.intake', 'handlers.core.request'))))")
     r = _python(code, {"FUNCTION_TARGET": "poll_exports"})
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "[]"  # no Google client until the first tick; no intake code

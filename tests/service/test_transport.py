@@ -1,4 +1,4 @@
-"""The functions' one HTTP transport (handlers/adapters/google_http.py): tokens from the metadata server on
+"""The functions' one HTTP transport (handlers/adapters/transport.py): tokens from the metadata server on
 Google Cloud, and Firestore, Pub/Sub and Cloud Storage reached over REST without Google's gRPC clients.
 
 There is no metadata-server emulator, so a small local HTTP server stands in for it (over a real socket),
@@ -14,9 +14,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from handlers.adapters import google_http as gh
-from tests.service.conftest import PROJECT, valid_request
+from handlers.adapters import transport as gh
 from tests.support import procs
+from tests.support.function import PROJECT, valid_request
 from tests.support.hcapi import HC, unique
 
 TOKEN = "ya29.metadata-token-" + "m" * 24
