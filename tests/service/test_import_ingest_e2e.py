@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import requests
 
-from tests.service.ingest_fixtures import IngestStack
 from tests.support import dicom_files
 from tests.support.hcapi import unique
+from tests.support.ingest import IngestStack
 
 pytestmark = pytest.mark.timeout(900)
 
