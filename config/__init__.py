@@ -64,6 +64,13 @@ class Settings:
     ingest_filter_bucket: str | None = None
     ingest_batch_max_instances: int = 1000
     ingest_batch_max_age_s: float = 60.0
+    # Deletions, re-driven batches and reconcile (docs/design.md, "Deletions and replacements", "Reconcile"):
+    bigquery_endpoint: str = "https://bigquery.googleapis.com"
+    ingest_batch_max_attempts: int = 5
+    ingest_retry_backoff_s: float = 60.0
+    reconcile_max_studies: int = 5000
+    reconcile_max_instances: int = 20000
+    reconcile_dry_run: bool = False
     # Where the Google APIs are (handlers/adapters/google_http.py): emulators when set, else Google's endpoints.
     firestore_database: str = "(default)"
     firestore_emulator_host: str | None = None
@@ -76,6 +83,10 @@ class Settings:
     @property
     def healthcare_is_local(self) -> bool:
         return is_loopback_url(self.healthcare_endpoint)
+
+    @property
+    def bigquery_is_local(self) -> bool:
+        return is_loopback_url(self.bigquery_endpoint)
 
 
 def is_loopback_url(url: str) -> bool:
@@ -223,6 +234,37 @@ def _ingest_settings(env) -> dict:
                 ingest_filter_bucket=raw_bucket, ingest_batch_max_instances=max_n, ingest_batch_max_age_s=max_age)
 
 
+def _endpoint(env, name: str, default: str) -> str:
+    """An API root URL; plain http only for a local emulator (a bearer token never travels in clear text)."""
+    endpoint = (env.get(name, "").strip() or default).rstrip("/")
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise SettingsError(f"{name}={endpoint!r}: must be an http(s) URL such as {default}")
+    if parts.scheme == "http" and not is_loopback_url(endpoint):
+        raise SettingsError(f"{name}={endpoint!r}: plain http is allowed only for a local emulator (localhost or "
+                            "a loopback address)")
+    return endpoint
+
+
+def _table_settings(env) -> dict:
+    """Settings of deletions, re-driven batches and reconcile_tables."""
+    def bounded(name, default, lo, hi, integer=False):
+        value = _number(env, name, default, minimum=lo, integer=integer)
+        if value > hi:
+            raise SettingsError(f"{name}={value}: must be at most {hi}")
+        return value
+
+    dry = env.get("RECONCILE_DRY_RUN", "").strip().lower()
+    if dry not in ("", "0", "1", "false", "true"):
+        raise SettingsError(f"RECONCILE_DRY_RUN={dry!r}: must be true or false")
+    return dict(bigquery_endpoint=_endpoint(env, "BIGQUERY_API_ENDPOINT", "https://bigquery.googleapis.com"),
+                ingest_batch_max_attempts=bounded("INGEST_BATCH_MAX_ATTEMPTS", 5, 1, 100, integer=True),
+                ingest_retry_backoff_s=bounded("INGEST_RETRY_BACKOFF_S", 60.0, 0.1, 86400),
+                reconcile_max_studies=bounded("RECONCILE_MAX_STUDIES", 5000, 1, 1_000_000, integer=True),
+                reconcile_max_instances=bounded("RECONCILE_MAX_INSTANCES", 20000, 1, 10_000_000, integer=True),
+                reconcile_dry_run=dry in ("1", "true"))
+
+
 def _host_port(env, name: str) -> str | None:
     value = env.get(name, "").strip() or None
     if value is not None:
@@ -255,15 +297,7 @@ def load(env=None) -> Settings:
     if project is not None and not re.fullmatch(PROJECT, project):
         raise SettingsError(f"GOOGLE_CLOUD_PROJECT={project!r}: not a valid project ID")
 
-    endpoint = (env.get("HEALTHCARE_API_ENDPOINT", "").strip() or "https://healthcare.googleapis.com").rstrip("/")
-    parts = urlsplit(endpoint)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-        raise SettingsError(f"HEALTHCARE_API_ENDPOINT={endpoint!r}: must be an http(s) URL such as "
-                            "https://healthcare.googleapis.com")
-    if parts.scheme == "http" and not is_loopback_url(endpoint):
-        # A bearer token must never travel in clear text: plain http only for a local emulator.
-        raise SettingsError(f"HEALTHCARE_API_ENDPOINT={endpoint!r}: plain http is allowed only for a local "
-                            "emulator (localhost or a loopback address)")
+    endpoint = _endpoint(env, "HEALTHCARE_API_ENDPOINT", "https://healthcare.googleapis.com")
 
     version = env.get("HEALTHCARE_API_VERSION", "").strip() or "v1"
     if version not in ("v1", "v1beta1"):
@@ -299,6 +333,7 @@ def load(env=None) -> Settings:
         **_poll_settings(env),
         **_ingest_settings(env),
         **_endpoint_settings(env),
+        **_table_settings(env),
     )
     if settings.intake_lease_s <= budget:
         raise SettingsError(f"INTAKE_LEASE_S={settings.intake_lease_s}: must be longer than "
