@@ -9,6 +9,7 @@ import ipaddress
 import os
 import re
 from dataclasses import dataclass
+from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 
@@ -234,7 +235,7 @@ def _ingest_settings(env) -> dict:
                 ingest_filter_bucket=raw_bucket, ingest_batch_max_instances=max_n, ingest_batch_max_age_s=max_age)
 
 
-def _endpoint(env, name: str, default: str) -> str:
+def _endpoint(env: Mapping[str, str], name: str, default: str) -> str:
     """An API root URL; plain http only for a local emulator (a bearer token never travels in clear text)."""
     endpoint = (env.get(name, "").strip() or default).rstrip("/")
     parts = urlsplit(endpoint)
@@ -246,9 +247,9 @@ def _endpoint(env, name: str, default: str) -> str:
     return endpoint
 
 
-def _table_settings(env) -> dict:
+def _table_settings(env: Mapping[str, str]) -> dict[str, Any]:
     """Settings of deletions, re-driven batches and reconcile_tables."""
-    def bounded(name, default, lo, hi, integer=False):
+    def bounded(name: str, default: float, lo: float, hi: float, integer: bool = False) -> Any:
         value = _number(env, name, default, minimum=lo, integer=integer)
         if value > hi:
             raise SettingsError(f"{name}={value}: must be at most {hi}")
