@@ -36,6 +36,7 @@ from functools import lru_cache
 
 from werkzeug.wrappers import Request, Response
 
+from . import bq_script
 from .errors import ApiError
 
 MAX_JOBS = 500                 # query jobs (and their result rows) kept in memory
@@ -563,6 +564,8 @@ class BigQueryService:
             sql = _dialect(cfg, query_text)
             if "useLegacySql" not in cfg:
                 cfg["useLegacySql"] = False
+            if self._run_script(job, project, job_id, location, cfg, sql, dry_run):
+                return job
             sql = _qualify_default_dataset(sql, cfg.get("defaultDataset"))
             default_project = (cfg.get("defaultDataset") or {}).get("projectId") or project
             try:
@@ -596,6 +599,79 @@ class BigQueryService:
             resource["statistics"]["endTime"] = str(int(time.time() * 1000))
             resource["status"] = {"state": "DONE", "errorResult": e.item(), "errors": [e.item()]}
         return job
+
+    def _run_script(self, job: dict, project: str, job_id: str, location: str, cfg: dict, sql: str,
+                    dry_run: bool) -> bool:
+        """DML statements and multi-statement scripts (bq_script.py); False for a single SELECT,
+        which the caller runs. The job ends DONE (with its errorResult if a statement failed)."""
+        try:
+            statements = bq_script.parse(sql)
+        except bq_script.DmlError:
+            return False  # the SELECT path reports the syntax error as it always has
+        if not statements or not bq_script.is_script_or_dml(statements):
+            return False
+        resource = job["resource"]
+        try:
+            if cfg.get("destinationTable"):
+                raise BqError("INVALID_ARGUMENT", "Cannot set destination table in jobs with DML statements "
+                                                  "or scripts", "invalid")
+            default_project = (cfg.get("defaultDataset") or {}).get("projectId") or project
+            script = bq_script.Script(self.wh, sql, default_project=default_project,
+                                      default_dataset=cfg.get("defaultDataset"), params=_params(cfg))
+            result = script.run(dry_run=dry_run)
+        except bq_script.DmlError as e:
+            raise BqError(e.code, e.message, e.reason or ("notFound" if e.code == "NOT_FOUND" else "invalidQuery"),
+                          "query" if e.code == "INVALID_ARGUMENT" else None) from None
+        now = int(time.time() * 1000)
+        q = {"totalBytesProcessed": "0", "totalBytesBilled": "0", "cacheHit": False,
+             "statementType": result.statement_type, "totalSlotMs": "0"}
+        stats = resource["statistics"]
+        stats.update({"endTime": str(now), "totalBytesProcessed": "0", "query": q})
+        last = result.last
+        if not result.script and last.is_dml and not dry_run:
+            q.update(_dml_statistics(last))
+        if result.script:
+            stats["numChildJobs"] = str(len(result.statements))
+            if not dry_run:
+                self._child_jobs(project, job_id, location, result)
+        if last.statement_type == "SELECT" and not dry_run:
+            job["schema"], job["rows"] = last.fields, last.rows
+            q["schema"] = {"fields": _schema_out(last.fields)}
+            cfg["destinationTable"] = {"projectId": project, "datasetId": ANON_DATASET,
+                                       "tableId": "anon" + hashlib.sha1(f"{project}/{job_id}".encode()).hexdigest()}
+            job["table"] = {"tableReference": dict(cfg["destinationTable"]), "schema": last.fields,
+                            "numRows": len(last.rows), "numBytes": 0, "creationTime": now, "lastModifiedTime": now,
+                            "location": location}
+        else:
+            job["dml"] = {k: q[k] for k in ("numDmlAffectedRows", "dmlStats") if k in q}
+        resource["status"] = {"state": "DONE"}
+        return True
+
+    def _child_jobs(self, project: str, parent_id: str, location: str, result) -> None:
+        """One child job per statement, as BigQuery makes for scripts (jobs.list?parentJobId=)."""
+        base = "script_job_" + hashlib.sha1(f"{project}/{parent_id}".encode()).hexdigest()[:32]
+        children = []
+        for i, st in enumerate(result.statements):
+            cfg = {"query": st.sql, "useLegacySql": False}
+            r = self._new_job(project, f"{base}_{i}", location, cfg, {})
+            q = {"totalBytesProcessed": "0", "totalBytesBilled": "0", "cacheHit": False,
+                 "statementType": st.statement_type, "totalSlotMs": "0"}
+            if st.is_dml:
+                q.update(_dml_statistics(st))
+            r["statistics"].update({"endTime": r["statistics"]["startTime"], "totalBytesProcessed": "0", "query": q,
+                                    "parentJobId": parent_id,
+                                    "scriptStatistics": {"evaluationKind": "STATEMENT",
+                                                         "stackFrames": [{"text": st.sql}]}})
+            r["status"] = {"state": "DONE"}
+            child = {"resource": r, "schema": st.fields, "rows": st.rows, "table": None, "error": None}
+            if st.statement_type != "SELECT":
+                child["dml"] = {k: q[k] for k in ("numDmlAffectedRows", "dmlStats") if k in q}
+            children.append(((project, f"{base}_{i}"), child))
+        with self.lock:
+            for key, child in children:
+                self.jobs[key] = child
+            while len(self.jobs) > MAX_JOBS:
+                self.jobs.popitem(last=False)
 
     def _write_destination(self, dest: dict, cfg: dict, fields: list[dict], rows: list[dict]) -> None:
         wd = (cfg.get("writeDisposition") or "WRITE_EMPTY").upper()
@@ -641,8 +717,11 @@ class BigQueryService:
         return _json(self._job(project, job_id)["resource"])
 
     def list_jobs(self, request: Request, project: str) -> Response:
+        parent = request.args.get("parentJobId")
         with self.lock:
             jobs = [j["resource"] for (p, _), j in reversed(self.jobs.items()) if p == project]
+        if parent:
+            jobs = [r for r in jobs if r["statistics"].get("parentJobId") == parent]
         items = []
         for r in jobs:
             item = {"kind": "bigquery#job", "id": r["id"], "jobReference": r["jobReference"],
@@ -662,6 +741,14 @@ class BigQueryService:
         if job["error"] is not None:
             raise job["error"]
         r = job["resource"]
+        if job.get("dml") is not None:  # DML (or a script not ending in a SELECT): counts, no rows
+            out = {"kind": kind, "jobReference": r["jobReference"], "jobComplete": True,
+                   "totalBytesProcessed": "0", "cacheHit": False, "etag": _etag([r["id"], "dml"]),
+                   "queryId": r["jobReference"]["jobId"], "location": r["jobReference"]["location"], **job["dml"]}
+            for k in ("creationTime", "startTime", "endTime"):
+                if k in r["statistics"]:
+                    out[k] = r["statistics"][k]
+            return out
         limit = _max_results(request_args.get("maxResults"))
         rows = job["rows"][offset:offset + limit]
         total = len(job["rows"])
@@ -718,6 +805,16 @@ class BigQueryService:
         if offset + len(page) < len(items):
             out["nextPageToken"] = _token(offset + len(page))
         return out
+
+
+def _dml_statistics(st) -> dict:
+    """statistics.query's numDmlAffectedRows and dmlStats (int64 as strings) of one DML statement."""
+    stats = {}
+    if st.statement_type == "INSERT":
+        stats["insertedRowCount"] = str(st.inserted)
+    else:
+        stats["deletedRowCount"] = str(st.deleted)
+    return {"numDmlAffectedRows": str(st.affected), "dmlStats": stats}
 
 
 def _body(request: Request) -> dict:

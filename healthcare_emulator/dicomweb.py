@@ -20,16 +20,17 @@ STOW-RS (`POST studies`, `POST studies/{study}`)
   UIDs (`^[0-9]+(\\.[0-9]+)*$`, <= 64 chars; leading zeros not checked) and a SOP Class UID.
   Otherwise it goes to FailedSOPSequence with FailureReason 0xC000 (49152, "cannot understand").
   A study UID different from `studies/{study}` in the URL -> 0xA900 (43264, PS3.18 "does not
-  match"). The same SOP Instance UID stored again with identical bytes -> success (idempotent, no
-  second row, no second notification). With different bytes -> failure 0x0110 (272,
-  "processing failure"), as the real API answers (it also uses 409 for this). Each failure item also
-  carries Google's private FailureDetail (0009,0097) LT with a readable reason.
+  match"). A SOP Instance UID the store already has -> failure 0x0110 (272, "processing failure"),
+  whether the bytes are the same or not (also twice in one request: the second part fails): the
+  real API refuses to store an instance again without deleting it first (it answers 409 for this).
+  Each failure item also carries Google's private FailureDetail (0009,0097) LT with a readable
+  reason.
 - HTTP status: 200 all stored, 202 some failed (PS3.18), 409 all failed (the real API's answer).
   Body `application/dicom+json`: RetrieveURL (0008,1190) of the study when the request concerns one
   study, ReferencedSOPSequence (ReferencedSOPClassUID, ReferencedSOPInstanceUID, RetrieveURL) and
   FailedSOPSequence (+ FailureReason). XML responses are not offered.
 - Concurrency: the row is inserted (and the blob written) inside `State.tx()`, after looking the SOP
-  Instance UID up in the same transaction, so concurrent identical STOWs end with one row.
+  Instance UID up in the same transaction, so of concurrent STOWs of one instance exactly one succeeds.
 
 QIDO-RS (`studies`, `series`, `instances`, `studies/{s}/series`, `studies/{s}/instances`,
 `studies/{s}/series/{se}/instances`)
@@ -46,8 +47,10 @@ QIDO-RS (`studies`, `series`, `instances`, `studies/{s}/series`, `studies/{s}/in
   remain, a `Warning: 299 ...` header says so (PS3.18).
 - `includefield`: keyword, tag, `all` (repeated or comma-separated); unknown keyword -> 400; known DICOM
   attributes that are not indexed are silently not returned.
-- Returned: PS3.18 default attributes per level that the instance has, RetrieveURL,
-  NumberOfStudyRelatedSeries/Instances and ModalitiesInStudy (derived), NumberOfSeriesRelatedInstances;
+- Returned: PS3.18 default attributes per level that the instance has, RetrieveURL and ModalitiesInStudy
+  (derived); NumberOfStudyRelatedSeries / NumberOfStudyRelatedInstances (studies) and
+  NumberOfSeriesRelatedInstances (series), counted over what the store holds at the time of the
+  search, only when asked for with `includefield` (keyword or tag) or `includefield=all`;
   series results always carry StudyInstanceUID, instance results Study/SeriesInstanceUID; store-wide
   and study-wide (relational) searches add the defaults of the levels above. Study/series attributes
   come from the first stored instance of the study/series. Order: first stored first.
@@ -93,8 +96,8 @@ from datetime import datetime, timezone
 from typing import Any, Iterator
 
 import pydicom
-from pydicom.dataelem import RawDataElement
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from werkzeug.wrappers import Request, Response
 
@@ -584,18 +587,15 @@ def _store_part(ctx, store: str, base: str, url_study: str | None, index: int,
                        " attrs) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (store, study, series, sop, sop_class, sha, len(data), stored_at,
                         json.dumps(attrs, separators=(",", ":"))))
-            created = True
-        elif row["blob"] == sha:
-            created = False
         else:
+            same = "the same" if row["blob"] == sha else "different"
             return _failure(FAIL_PROCESSING, f"Part {index}: an instance with SOP Instance UID {sop} already "
-                                             f"exists in this DICOM store with different content; delete it "
-                                             f"first to replace it.", **known)
-    if created:
-        modality = (attrs.get(T_MODALITY, {}).get("Value") or [None])[0]
-        _notify(ctx, store, "StoreInstances", {"study": study, "series": series, "sop": sop,
-                                               "sop_class": sop_class, "modality": modality,
-                                               "stored_at": stored_at})
+                                             f"exists in this DICOM store (with {same} content); delete it "
+                                             f"first to store it again.", **known)
+    modality = (attrs.get(T_MODALITY, {}).get("Value") or [None])[0]
+    _notify(ctx, store, "StoreInstances", {"study": study, "series": series, "sop": sop,
+                                           "sop_class": sop_class, "modality": modality,
+                                           "stored_at": stored_at})
     item = {"00081150": {"vr": "UI", "Value": [sop_class]},
             "00081155": {"vr": "UI", "Value": [sop]},
             T_RETRIEVE_URL: {"vr": "UR", "Value": [_url(base, study, series, sop)]}}
@@ -848,11 +848,14 @@ def _qido(ctx, store: str, request: Request, level: int, study: str | None,
         if level == STUDY:
             mods = sorted(m for m in json.loads(row["modalities"]) if m)
             out[T_MODALITIES_IN_STUDY] = {"vr": "CS", "Value": mods} if mods else {"vr": "CS"}
-            out[T_N_STUDY_SERIES] = {"vr": "IS", "Value": [row["n_series"]]}
-            out[T_N_STUDY_INSTANCES] = {"vr": "IS", "Value": [row["n_instances"]]}
+            if q.include_all or T_N_STUDY_SERIES in q.include:
+                out[T_N_STUDY_SERIES] = {"vr": "IS", "Value": [row["n_series"]]}
+            if q.include_all or T_N_STUDY_INSTANCES in q.include:
+                out[T_N_STUDY_INSTANCES] = {"vr": "IS", "Value": [row["n_instances"]]}
             out[T_RETRIEVE_URL] = {"vr": "UR", "Value": [_url(base, row["study"])]}
         elif level == SERIES:
-            out[T_N_SERIES_INSTANCES] = {"vr": "IS", "Value": [row["n_instances"]]}
+            if q.include_all or T_N_SERIES_INSTANCES in q.include:
+                out[T_N_SERIES_INSTANCES] = {"vr": "IS", "Value": [row["n_instances"]]}
             out[T_RETRIEVE_URL] = {"vr": "UR", "Value": [_url(base, row["study"], row["series"])]}
             out.setdefault("0020000D", {"vr": "UI", "Value": [row["study"]]})
         else:

@@ -5,12 +5,16 @@ For every instance stored or deleted, one message per configured topic, in the r
 
 - `notificationConfig.pubsubTopic` (legacy): data = the instance's resource name
   `projects/P/locations/L/datasets/D/dicomStores/S/dicomWeb/studies/X/series/Y/instances/Z`,
-  no attributes ("DICOM Pub/Sub notifications don't contain an attributes field").
+  no attributes ("DICOM Pub/Sub notifications don't contain an attributes field"), and only for
+  stored instances: the DicomStore field is documented as "Notification destination for new DICOM
+  instances", so a delete sends nothing there (deletes are notified through `notificationConfigs`).
 - each `notificationConfigs[].pubsubTopic`: the same data, with the documented attributes `action`
   (`StoreInstances`, `DeleteInstance`, `DeleteSeries`, `DeleteStudy`: the endpoint's name),
   `storeName`, `studyInstanceUID`, `seriesInstanceUID`, `sopInstanceUID`, `versionId`,
   `lastUpdatedTime` (RFC 1123), `modality` (when the instance has one) and, for stores,
-  `storageClass` (`STANDARD`).
+  `storageClass` (`STANDARD`). A delete of a series or a study sends one message per instance it
+  removed, each naming that instance, with `action` `DeleteSeries` / `DeleteStudy`; `versionId` is
+  the deleted version's, `lastUpdatedTime` the time of the delete.
 
 An empty topic sends nothing ("notifications are only sent if the topic is non-empty"). A topic that
 does not exist, or a Pub/Sub emulator that cannot be reached, is logged (WARNING, naming the topic and
@@ -67,7 +71,7 @@ def messages_for(store_resource: dict, store: str, action: str, instance: dict) 
     data = name.encode("utf-8")
     out = []
     legacy = (store_resource.get("notificationConfig") or {}).get("pubsubTopic")
-    if legacy:
+    if legacy and action == "StoreInstances":  # the legacy config is for new instances only
         out.append((legacy, data, {}))
     configs = store_resource.get("notificationConfigs") or []
     if configs:

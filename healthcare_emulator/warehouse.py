@@ -1000,6 +1000,85 @@ class Warehouse:
                         entry.unlink()
             return self._resource(manifest)
 
+    # ----------------------------------------------------------------- DML (see bq_script.py)
+
+    @contextlib.contextmanager
+    def write_locks(self, tables: Iterable[tuple[str, str, str]]) -> Iterator[None]:
+        """Hold the locks a commit takes (dataset shared, then table) on several tables at once,
+        each kind in sorted order, so DML jobs and exports never wait on each other in a cycle.
+        Exports stage without a lock and commit under the table lock: while a DML job holds it,
+        an export's commit of that table waits and then applies on top of the DML's result."""
+        keys = sorted(set(tables))
+        for project, dataset, table in keys:
+            _check_project(project)
+            _check_dataset(dataset)
+            _check_table(table)
+        with contextlib.ExitStack() as stack:
+            for project, dataset in sorted({(p, d) for p, d, _ in keys}):
+                stack.enter_context(self._dataset_lock(project, dataset, shared=True))
+            for project, dataset, table in keys:
+                stack.enter_context(self._table_lock(project, dataset, table))
+            yield
+
+    def new_staging_dir(self) -> Path:
+        self._clean_stale_staging()
+        staging = self._private_dir("staging") / uuid.uuid4().hex
+        staging.mkdir()
+        return staging
+
+    def table_snapshot(self, project: str, dataset: str, table: str) -> tuple[dict, Path]:
+        """(manifest, table folder) of an existing table; NOT_FOUND naming the dataset or table."""
+        _check_project(project)
+        _check_dataset(dataset)
+        _check_table(table)
+        m = self._manifest(project, dataset, table)
+        if m is None:
+            if self._dataset_meta(project, dataset) is None:
+                raise self._not_found_dataset(project, dataset)
+            raise self._not_found_table(project, dataset, table)
+        return m, self._table_dir(project, dataset, table)
+
+    def commit_files_locked(self, project: str, dataset: str, table: str, base: dict,
+                            files: list[tuple[Path, dict]]) -> dict:
+        """Replace the manifest of a table whose locks the caller holds (``write_locks``) with
+        one listing ``files`` ((path, entry) pairs: files already in the table folder, or staged
+        files, moved in here), under ``base``'s schema. The manifest replace is the commit point,
+        as in ``_commit``: before it the table is exactly as it was."""
+        label = f"{project}:{dataset}.{table}"
+        tdir = self._table_dir(project, dataset, table)
+        current = _read_json(tdir / "manifest.json")
+        if current is None or current.get("generation") != base.get("generation"):
+            raise WarehouseError("ABORTED", f"Table {label} changed while a DML job held its lock")
+        moved: list[Path] = []
+        try:
+            entries = []
+            for path, entry in files:
+                if path.parent != tdir:
+                    os.rename(path, tdir / entry["name"])
+                    moved.append(tdir / entry["name"])
+                entries.append(dict(entry))
+            for f in moved:
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            _fsync_dir(tdir)
+            now = _now_ms()
+            manifest = dict(current)
+            manifest.update({"files": entries, "numRows": sum(e["numRows"] for e in entries),
+                             "lastModifiedTime": max(now, current["lastModifiedTime"]),
+                             "generation": current.get("generation", 0) + 1})
+            _write_json_atomic(tdir / "manifest.json", manifest)  # the commit point
+        except BaseException:
+            for f in moved:
+                with contextlib.suppress(OSError):
+                    os.unlink(f)
+            raise
+        keep = {e["name"] for e in entries} | {"manifest.json"}
+        for entry in tdir.iterdir():
+            if entry.name not in keep and not entry.name.startswith(".manifest.json.tmp-"):
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+        return self._resource(manifest)
+
     # ----------------------------------------------------------------- reads
 
     def list_rows(

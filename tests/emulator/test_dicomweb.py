@@ -13,7 +13,6 @@ import json
 import os
 import re
 import threading
-import uuid
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -247,18 +246,30 @@ def uids_of(data: bytes) -> tuple[str, str, str, str]:
     return ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.SOPClassUID
 
 
-def test_stow_same_instance_twice_is_idempotent(store, emulator):
+def test_stow_of_a_stored_sop_instance_uid_is_refused_even_with_the_same_bytes(store, emulator):
+    """The real API stores an instance again only after it was deleted: a second STOW fails (409)."""
     before = len(emulator.notifications)
+    _, _, sop, sop_class = uids("MR_small.dcm")
     first = store.stow([read("MR_small.dcm")])
+    assert first.status_code == 200
     second = store.stow(read("MR_small.dcm"))
-    assert first.status_code == second.status_code == 200
-    assert first.json() == second.json()
+    assert second.status_code == 409
+    [item] = second.json()[T["FailedSOPSequence"]]["Value"]
+    assert value(item, "FailureReason") == 0x0110
+    assert (value(item, "ReferencedSOPInstanceUID"), value(item, "ReferencedSOPClassUID")) == (sop, sop_class)
+    assert "already exists" in value(item, "00090097")
     assert store.rows() == 1
-    assert len(emulator.notifications) - before == 1  # no notification for the no-op
-    # the same instance twice in one request is fine too
-    both = store.stow([read("MR_small.dcm"), read("MR_small.dcm")])
-    assert both.status_code == 200
-    assert len(both.json()[T["ReferencedSOPSequence"]]["Value"]) == 2
+    assert len(emulator.notifications) - before == 1  # nothing notified for the refused copy
+    # the same instance twice in one request: the first copy is stored, the second refused (202)
+    ct = read("CT_small.dcm")
+    both = store.stow([ct, ct])
+    assert both.status_code == 202
+    assert len(both.json()[T["ReferencedSOPSequence"]]["Value"]) == 1
+    assert len(both.json()[T["FailedSOPSequence"]]["Value"]) == 1
+    # deleted first, it can be stored again
+    study, series, _, _ = uids("MR_small.dcm")
+    assert store.delete(f"studies/{study}/series/{series}/instances/{sop}").status_code == 200
+    assert store.stow([read("MR_small.dcm")]).status_code == 200
 
 
 def test_stow_same_uid_different_content_conflicts(store):
@@ -421,8 +432,7 @@ def test_concurrent_stow_of_the_same_instance(store, emulator):
 
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(post, range(8)))
-    assert [r.status_code for r in results] == [200] * 8
-    assert len({json.dumps(r.json(), sort_keys=True) for r in results}) == 1
+    assert sorted(r.status_code for r in results) == [200] + [409] * 7  # exactly one is stored
     assert store.rows() == 1
     found = store.get("instances", params={"SOPInstanceUID": uids("CT_small.dcm")[2]}).json()
     assert len(found) == 1
@@ -465,7 +475,7 @@ def studies(store: Store, **params) -> list[dict]:
 
 
 def test_qido_studies_all_with_counts_and_defaults(qido):
-    found = studies(qido)
+    found = studies(qido, includefield="NumberOfStudyRelatedSeries,00201208")
     assert [value(s, "StudyInstanceUID") for s in found] == [
         uids(n)[0] for n in ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "rtdose.dcm", "JPEG2000.dcm",
                              "liver_1frame.dcm", "SC_rgb_rle_2frame.dcm")] + [S1]
@@ -583,7 +593,7 @@ def test_qido_repeated_keys(qido):
 
 
 def test_qido_series(qido):
-    resp = qido.get(f"studies/{S1}/series")
+    resp = qido.get(f"studies/{S1}/series", params={"includefield": "NumberOfSeriesRelatedInstances"})
     assert resp.status_code == 200
     found = resp.json()
     assert [value(s, "SeriesInstanceUID") for s in found] == [S1_CT, S1_SR]
