@@ -61,3 +61,16 @@ def test_qido_studies_with_counts_paged_and_by_uid_list_and_instances(hc, export
     assert web.studies(store, offset=0, limit=10, uids=["1.2.826.0.1.77.2", "1.2.9"]) == [("1.2.826.0.1.77.2", 1)]
     assert sorted(web.instances(store, "1.2.826.0.1.77.1")) == sorted((se, sop) for _, se, sop in uids[:3])
     assert web.calls == 5
+
+
+def test_the_batch_delete_statement_removes_exactly_the_planned_rows(hc, exported):
+    store, table, uids = exported
+    copy = table + "_dml"
+    assert "error" not in HC(hc.url).export_and_wait(store, {"bigqueryDestination": {"tableUri": copy}})
+    bq = BigQuery(hc.url, PROJECT)
+    plan = C.Plan(sops=(uids[0][2], "1.2.3.404"), series=(), studies=("1.2.826.0.1.77.2",), export_paths=())
+    got = bq.query(C.delete_statement(copy), C.parameters(plan))
+    assert got.affected == 2 and got.rows == []
+    left = bq.query(f"SELECT SOPInstanceUID FROM {C.table_sql_name(copy)}")
+    assert sorted(r[0] for r in left.rows) == sorted(u[2] for u in uids[1:3])
+    assert bq.query(C.delete_statement(copy), C.parameters(plan)).affected == 0  # again: nothing left to delete
