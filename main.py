@@ -69,3 +69,12 @@ def export_status(request):
     from handlers import status
 
     return status.handle(request)
+
+
+@functions_framework.cloud_event
+def reconcile_tables(cloud_event):
+    """Pub/Sub on the reconcile topic (Cloud Scheduler's tick): compare each routed table with its DICOM store
+    and heal what differs through ingest batches (handlers/reconcile.py). Always acknowledges."""
+    from handlers import reconcile
+
+    reconcile.handle(cloud_event)

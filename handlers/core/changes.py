@@ -30,7 +30,8 @@ RESOURCE_RE = re.compile(
     rf"/dicomWeb(/studies/({UID})(?:/series/({UID})(?:/instances/({UID}))?)?)$")
 STORE_ACTIONS = frozenset({"StoreInstances", "ImportDicomData"})
 DELETE_ACTIONS = frozenset({"DeleteInstance", "DeleteSeries", "DeleteStudy"})
-ARRIVAL, DELETION, OTHER = "arrival", "deletion", "other"
+ARRIVAL, DELETION, OTHER = "arrival", "deletion", "other"  # kinds of change
+PENDING, OTHER_STATE = "PENDING", "OTHER"  # arrival states (handlers/adapters/ingest_ledger.py)
 MAX_UID_CHARS = 64
 
 
@@ -168,3 +169,12 @@ def attempt_request_id(batch_id: str, attempt: int) -> str:
     """The export request of a batch's attempt: `ingest-<batch>` first, then `ingest-<batch>-a<N>` (a new
     requestId: the intake keeps a failed request failed)."""
     return f"ingest-{batch_id}" if attempt <= 1 else f"ingest-{batch_id}-a{attempt}"
+
+
+def arrival_doc(route_fields: dict[str, Any], path: str, kind: str, *, action: str | None, version_id: str | None,
+                message_id: str | None, arrived: datetime, recorded: datetime) -> dict[str, Any]:
+    """The arrival document of one change of a route (contract.md, "The ingest documents"): stores and
+    deletions wait (PENDING) for the route's next batch; other actions are kept only to be counted."""
+    return {**route_fields, "path": path, "kind": kind, "state": PENDING if kind in (ARRIVAL, DELETION) else OTHER_STATE,
+            "action": action, "versionId": version_id, "messageId": message_id, "arrivedAt": arrived,
+            "recordedAt": recorded, "batchId": None}
