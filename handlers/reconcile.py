@@ -159,12 +159,27 @@ class Reconcile:
         return [s for s in candidates if s not in present], after
 
     def instances(self, store: str, table_uri: str, studies: list[str], extra: list[str]) -> R.Diff:
+        """The differing series of the differing studies, then their instances (and the rows of extra studies)."""
         if not studies and not extra:
             return R.Diff()
-        paths = [R.instance_path(s, se, sop) for s in studies for se, sop in self.web.instances(store, s)]
-        r = self.bq.query(R.instance_rows_sql(table_uri), [C.string_array("studies", studies + extra)])
+        series = self.differing_series(store, table_uri, studies)
+        paths = [R.instance_path(st, se, sop) for se, st in series.items() if st
+                 for _, sop in self.web.instances(store, st, se)]
+        r = self.bq.query(R.instance_rows_sql(table_uri), [C.string_array("series", list(series)),
+                                                           C.string_array("studies", extra)])
         self.calls += r.calls
         return R.diff(paths, [(R.instance_path(st, se, sop), int(n)) for st, se, sop, n in r.rows])
+
+    def differing_series(self, store: str, table_uri: str, studies: list[str]) -> dict[str, str]:
+        """{series UID: its study UID, or "" for a series only the table has} of the series that differ."""
+        if not studies:
+            return {}
+        in_store = {se: (st, n) for st in studies for se, n in self.web.series(store, st)}
+        r = self.bq.query(R.series_counts_sql(table_uri), [C.string_array("studies", studies)])
+        self.calls += r.calls
+        table = {row[0]: (int(row[1]), int(row[2])) for row in r.rows}
+        out = {se: in_store[se][0] for se in R.differing({se: n for se, (_, n) in in_store.items()}, table)}
+        return {**out, **{se: "" for se in table if se not in in_store}}
 
     # -- healing and the event ---------------------------------------------------------------------------
     def heal(self, route: Any, d: R.Diff, observed: datetime) -> int:

@@ -8,7 +8,8 @@ from typing import Any
 
 from . import google_http as transport
 
-STUDY, SERIES, SOP, N_INSTANCES = "0020000D", "0020000E", "00080018", "00201208"
+STUDY, SERIES, SOP = "0020000D", "0020000E", "00080018"
+N_STUDY_INSTANCES, N_SERIES_INSTANCES = "00201208", "00201209"
 MAX_INSTANCES_PAGE = 5000
 
 
@@ -26,14 +27,21 @@ class DicomWeb:
         params: dict[str, Any] = {"includefield": "NumberOfStudyRelatedInstances", "limit": limit, "offset": offset}
         if uids:
             params["StudyInstanceUID"] = ",".join(uids)
-        return [(_value(d, STUDY), int(_value(d, N_INSTANCES) or 0)) for d in self._search(f"{store}/dicomWeb/studies",
-                                                                                            params)]
+        found = self._search(f"{store}/dicomWeb/studies", params)
+        return [(_value(d, STUDY), int(_value(d, N_STUDY_INSTANCES) or 0)) for d in found]
 
-    def instances(self, store: str, study: str) -> list[tuple[str, str]]:
-        """Every instance of a study: (SeriesInstanceUID, SOPInstanceUID)."""
+    def series(self, store: str, study: str) -> list[tuple[str, int]]:
+        """Every series of a study: (SeriesInstanceUID, NumberOfSeriesRelatedInstances)."""
+        found = self._search(f"{store}/dicomWeb/studies/{study}/series",
+                             {"includefield": "NumberOfSeriesRelatedInstances"})
+        return [(_value(d, SERIES), int(_value(d, N_SERIES_INSTANCES) or 0)) for d in found]
+
+    def instances(self, store: str, study: str, series: str | None = None) -> list[tuple[str, str]]:
+        """Every instance of a study (or of one of its series): (SeriesInstanceUID, SOPInstanceUID)."""
+        scope = f"{store}/dicomWeb/studies/{study}" + (f"/series/{series}" if series else "")
         out: list[tuple[str, str]] = []
         while True:
-            page = self._search(f"{store}/dicomWeb/studies/{study}/instances",
+            page = self._search(f"{scope}/instances",
                                 {"includefield": "SeriesInstanceUID", "limit": MAX_INSTANCES_PAGE,
                                  "offset": len(out)})
             out.extend((_value(d, SERIES), _value(d, SOP)) for d in page)

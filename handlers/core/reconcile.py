@@ -2,7 +2,8 @@
 
 A run compares a window of the store's studies (QIDO-RS `/studies` with NumberOfStudyRelatedInstances,
 from the route's cursor) with the table's per-study counts (`COUNT(*)`, `COUNT(DISTINCT SOPInstanceUID)`),
-then lists instances only for the studies that differ. Studies the table has and the store does not are
+then the series of the studies that differ (NumberOfSeriesRelatedInstances against per-series counts), then
+lists instances only for the series that differ. Studies the table has and the store does not are
 extra as a whole. The instances found missing, extra or duplicated are healed through ingest: each is
 recorded as a change of the route (a store for missing and duplicated ones, a deletion for extra ones), so
 the next batch deletes their rows and exports what the store has (handlers/core/changes.py).
@@ -47,10 +48,17 @@ def study_counts_sql(table_uri: str, *, only_studies: bool) -> str:
             f"FROM {table_sql_name(table_uri)}{where} GROUP BY 1")
 
 
+def series_counts_sql(table_uri: str) -> str:
+    """Per-series row and instance counts of the studies in @studies."""
+    return ("SELECT SeriesInstanceUID, COUNT(*) AS n_rows, COUNT(DISTINCT SOPInstanceUID) AS n_instances "
+            f"FROM {table_sql_name(table_uri)} WHERE StudyInstanceUID IN UNNEST(@studies) GROUP BY 1")
+
+
 def instance_rows_sql(table_uri: str) -> str:
-    """Each instance of the studies in @studies with its number of rows."""
+    """Each instance of the series in @series and the studies in @studies with its number of rows."""
     return ("SELECT StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID, COUNT(*) AS n "
-            f"FROM {table_sql_name(table_uri)} WHERE StudyInstanceUID IN UNNEST(@studies) GROUP BY 1, 2, 3")
+            f"FROM {table_sql_name(table_uri)} WHERE SeriesInstanceUID IN UNNEST(@series) "
+            "OR StudyInstanceUID IN UNNEST(@studies) GROUP BY 1, 2, 3")
 
 
 def missing_columns(schema_fields: Iterable[dict[str, Any]]) -> list[str]:
@@ -61,7 +69,7 @@ def missing_columns(schema_fields: Iterable[dict[str, Any]]) -> list[str]:
 
 # -- study level ----------------------------------------------------------------------------------------------
 def differing(store: dict[str, int], table: dict[str, tuple[int, int]]) -> list[str]:
-    """Studies of the store window (in its order) whose table counts are not (n rows, n instances)."""
+    """Studies (or series) of the store, in its order, whose table counts are not (n rows, n instances)."""
     return [s for s, n in store.items() if table.get(s, (0, 0)) != (n, n)]
 
 

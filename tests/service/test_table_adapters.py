@@ -60,7 +60,10 @@ def test_qido_studies_with_counts_paged_and_by_uid_list_and_instances(hc, export
     assert web.studies(store, offset=2, limit=1) == []
     assert web.studies(store, offset=0, limit=10, uids=["1.2.826.0.1.77.2", "1.2.9"]) == [("1.2.826.0.1.77.2", 1)]
     assert sorted(web.instances(store, "1.2.826.0.1.77.1")) == sorted((se, sop) for _, se, sop in uids[:3])
-    assert web.calls == 5
+    _, series, sop = uids[1]
+    assert web.instances(store, "1.2.826.0.1.77.1", series) == [(series, sop)]
+    assert sorted(web.series(store, "1.2.826.0.1.77.1")) == sorted((se, 1) for _, se, _ in uids[:3])
+    assert web.calls == 7
 
 
 def test_the_batch_delete_statement_removes_exactly_the_planned_rows(hc, exported):
