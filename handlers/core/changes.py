@@ -178,3 +178,23 @@ def arrival_doc(route_fields: dict[str, Any], path: str, kind: str, *, action: s
     return {**route_fields, "path": path, "kind": kind, "state": PENDING if kind in (ARRIVAL, DELETION) else OTHER_STATE,
             "action": action, "versionId": version_id, "messageId": message_id, "arrivedAt": arrived,
             "recordedAt": recorded, "batchId": None}
+
+
+BATCH_FAILED = "INGEST_BATCH_FAILED"
+FAILED_REMEDY = ("The batch's changes are not in the table. Fix the cause, then run reconcile_tables (or wait for its "
+                 "next run): it finds the batch's instances missing or extra and heals them through a new batch. "
+                 "docs/operations.md, 'A failed batch'.")
+
+
+def failed_event(batch: dict[str, Any], attempts: int, cause: dict[str, Any], at: datetime) -> dict[str, Any]:
+    """{"eventId", "data", "attributes"} of INGEST_BATCH_FAILED (docs/contract.md, "Events"): the batch, the cause
+    of its last attempt and the remedy. Names UIDs (its filter file), never patient data."""
+    eid = f"{batch['batchId']}:{BATCH_FAILED}"
+    data = {"eventId": eid, "eventType": BATCH_FAILED, "ingestBatch": batch["batchId"], "dicomStore": batch["store"],
+            "tableUri": batch["tableUri"], "attempts": attempts, "requestIds": [
+                attempt_request_id(batch["batchId"], n) for n in range(1, attempts + 1)],
+            "instances": batch.get("instances"), "filterUri": batch.get("filterUri"), "cause": cause,
+            "remedy": FAILED_REMEDY, "time": at.isoformat().replace("+00:00", "Z")}
+    attributes = {"eventType": BATCH_FAILED, "eventId": eid, "ingestBatch": batch["batchId"],
+                  "dicomStore": batch["store"], "tableUri": batch["tableUri"]}
+    return {"eventId": eid, "data": data, "attributes": {k: v for k, v in attributes.items() if len(v) <= 1024}}

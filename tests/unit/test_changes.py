@@ -127,3 +127,24 @@ def test_batches_applied_in_order_leave_one_row_per_stored_instance_with_its_las
     while pending:
         table, pending = run_batch(table, store, pending[:3]), pending[3:]
     assert sorted(table) == sorted((*u, v) for u, v in store.items())
+
+
+def test_the_failed_event_names_the_batch_every_attempt_the_cause_and_the_remedy():
+    b = {"batchId": "abc-000001", "store": STORE, "tableUri": "bq://p-1.d.t", "instances": 3, "filterUri": "gs://f/x",
+         "paths": ["/studies/1/series/2/instances/3"], "PatientName": "never^copied"}
+    e = C.failed_event(b, 3, {"requestState": "FAILED", "error": {"code": 13, "message": "boom"}}, T0)
+    assert e["eventId"] == "abc-000001:INGEST_BATCH_FAILED" and e["attributes"]["eventType"] == "INGEST_BATCH_FAILED"
+    assert e["attributes"]["ingestBatch"] == "abc-000001" and e["attributes"]["tableUri"] == "bq://p-1.d.t"
+    d = e["data"]
+    assert d["requestIds"] == ["ingest-abc-000001", "ingest-abc-000001-a2", "ingest-abc-000001-a3"]
+    assert d["cause"]["error"]["code"] == 13 and "reconcile_tables" in d["remedy"] and d["attempts"] == 3
+    assert "never^copied" not in str(e)
+
+
+def test_arrival_documents_of_changes():
+    fields = {"route": "r", "store": STORE, "tableUri": "bq://p-1.d.t", "tableKey": "k"}
+    doc = C.arrival_doc(fields, path("1", "2", "3"), C.DELETION, action="DeleteSeries", version_id="7",
+                        message_id="m", arrived=T0, recorded=T0)
+    assert doc["state"] == "PENDING" and doc["kind"] == "deletion" and doc["route"] == "r" and doc["batchId"] is None
+    assert C.arrival_doc(fields, "/studies/1", C.OTHER, action="X", version_id=None, message_id="m", arrived=T0,
+                         recorded=T0)["state"] == "OTHER"
