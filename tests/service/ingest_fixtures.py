@@ -213,7 +213,7 @@ class IngestStack:
             logs_dir, data_dir, *hc_flags, name=f"hc-{self.name}",
             env={"PUBSUB_EMULATOR_HOST": pubsub.host_port, "STORAGE_EMULATOR_HOST": gcs.url}).start()
         self.hc = HC(self.hc_svc.url)
-        self.topics = {k: f"{k}-{self.name}" for k in ("notify", "requests", "events", "poll")}
+        self.topics = {k: f"{k}-{self.name}" for k in ("notify", "requests", "events", "poll", "reconcile")}
         for t in self.topics.values():
             self.publisher.create_topic(name=f"projects/{PROJECT}/topics/{t}")
         self.events_sub = f"projects/{PROJECT}/subscriptions/events-{self.name}"
@@ -236,7 +236,8 @@ class IngestStack:
         self.env = {
             "PUBSUB_EMULATOR_HOST": pubsub.host_port, "FIRESTORE_EMULATOR_HOST": firestore.host_port,
             "STORAGE_EMULATOR_HOST": gcs.url, "GOOGLE_CLOUD_PROJECT": PROJECT,
-            "HEALTHCARE_API_ENDPOINT": self.hc_svc.url, "EXPORT_REQUESTS_TOPIC": self.topics["requests"],
+            "HEALTHCARE_API_ENDPOINT": self.hc_svc.url, "BIGQUERY_API_ENDPOINT": self.hc_svc.url,
+            "EXPORT_REQUESTS_TOPIC": self.topics["requests"],
             "EXPORT_EVENTS_TOPIC": self.topics["events"], "LEDGER_COLLECTION": self.collection,
             "INGEST_ROUTES": json.dumps({self.stores[s]: {"tableUri": f"bq://{self.tables[s]}",
                                                           **(route_options or {}).get(s, {})} for s in store_ids}),
@@ -250,7 +251,7 @@ class IngestStack:
 
     def start(self) -> "IngestStack":
         for target, kind in (("export_request", "requests"), ("poll_exports", "poll"),
-                             ("ingest_notification", "notify")):
+                             ("ingest_notification", "notify"), ("reconcile_tables", "reconcile")):
             fn = Fn(target, self.env, self.logs_dir, subscriber=self.subscriber, topic=self.topics[kind])
             setattr(self, target, fn)
             self.fns.append(fn)
