@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-fast demo up down bench reliability clean
+.PHONY: venv test test-fast lint demo up down bench reliability clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,15 @@ venv: $(STAMP)
 ## the whole suite; it starts and stops the emulators it needs
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+## the unit tier: no emulator, no socket, seconds
+test-fast: $(STAMP)
+	$(PY) -m pytest tests/unit -q
+
+## ruff (pyflakes, bugbear, import order) and mypy (strict on handlers/ and config/), pyproject.toml
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 ## the main job offline: every local service, sample DICOM, two exports through Pub/Sub, the seed's queries
 demo: $(STAMP)

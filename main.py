@@ -1,9 +1,11 @@
-"""Cloud Functions entry points (service contract §3). Thin: each delegates to handlers/.
+"""Cloud Functions entry points (docs/contract.md, "Settings"; docs/design.md, "Architecture"). Thin: each
+delegates to its module in handlers/, which gets its clients from handlers/wiring.py.
 
 Module import stays light (settings only); each function imports its handler, and the handler
 its Google clients, on first use.
 """
 import os
+from typing import Any
 
 import functions_framework
 
@@ -30,7 +32,7 @@ if os.environ.get("FUNCTION_TARGET") == "ingest_notification" and not SETTINGS.i
 
 
 @functions_framework.cloud_event
-def export_request(cloud_event):
+def export_request(cloud_event: Any) -> None:
     """Pub/Sub messagePublished on EXPORT_REQUESTS_TOPIC: validate, record, start the export, tell consumers.
     Returning acknowledges the message; raising makes Pub/Sub redeliver it."""
     from handlers import intake
@@ -44,9 +46,10 @@ def export_request(cloud_event):
 
 
 @functions_framework.cloud_event
-def ingest_notification(cloud_event):
-    """Pub/Sub messagePublished on a DICOM store's notification topic: record the stored instance for the
-    next batched WRITE_APPEND export of its route (INGEST_ROUTES; README.md, "Ingest"). Returning
+def ingest_notification(cloud_event: Any) -> None:
+    """Pub/Sub messagePublished on a DICOM store's notification topic: record the stored or deleted instance
+    for the next batch of its route, which deletes its rows and exports what the store has (INGEST_ROUTES;
+    docs/design.md, "Ingest", "Deletions and replacements"). Returning
     acknowledges (the arrival is recorded); raising makes Pub/Sub redeliver the notification."""
     from handlers import ingest
 
@@ -54,7 +57,7 @@ def ingest_notification(cloud_event):
 
 
 @functions_framework.cloud_event
-def poll_exports(cloud_event):
+def poll_exports(cloud_event: Any) -> None:
     """Pub/Sub on the poll topic (Cloud Scheduler's tick): follow every running export to its end and
     publish its terminal event (handlers/poller.py). Always acknowledges: the next tick retries."""
     from handlers import poller
@@ -63,7 +66,7 @@ def poll_exports(cloud_event):
 
 
 @functions_framework.http
-def export_status(request):
+def export_status(request: Any) -> Any:
     """HTTP GET ?requestId=ID: the request's ledger record as JSON; 404 unknown, 400 malformed
     (handlers/status.py). IAM-protected (deploy.sh: --no-allow-unauthenticated)."""
     from handlers import status
@@ -72,7 +75,7 @@ def export_status(request):
 
 
 @functions_framework.cloud_event
-def reconcile_tables(cloud_event):
+def reconcile_tables(cloud_event: Any) -> None:
     """Pub/Sub on the reconcile topic (Cloud Scheduler's tick): compare each routed table with its DICOM store
     and heal what differs through ingest batches (handlers/reconcile.py). Always acknowledges."""
     from handlers import reconcile

@@ -101,10 +101,11 @@ def main() -> int:
                              "GOOGLE_CLOUD_PROJECT": "bench-project", "HEALTHCARE_API_ENDPOINT": "http://127.0.0.1:9",
                              "GOOGLE_APPLICATION_CREDENTIALS": "", "ALLOWED_DICOM_STORES": "projects/*",
                              "ALLOWED_BQ_DATASETS": "*"})
-            results = {}
-            for label, source, target, body, extra in cases():
-                times = [one_start(source, target, body, {**base_env, **extra}) for _ in range(args.runs)]
-                results[label] = statistics.median(times)
+            times: dict[str, list[float]] = {label: [] for label, *_ in cases()}
+            for _ in range(args.runs):  # the cases interleaved, so that a change of the machine's load hits all
+                for label, source, target, body, extra in cases():
+                    times[label].append(one_start(source, target, body, {**base_env, **extra}))
+            results = {label: statistics.median(t) for label, t in times.items()}
             base = results["hello world (baseline)"]
             print(f"cold start, median of {args.runs} (process start -> first event answered):")
             for label, t in results.items():

@@ -136,7 +136,7 @@ def delays(args, work, logs, pubsub, firestore, gcs, subscriber, publisher) -> d
     import threading
     import time
 
-    from tests.service.ingest_fixtures import IngestStack, make_instances, stow_bursts
+    from tests.support.ingest import IngestStack, make_instances, stow_bursts
 
     out = {"tick_s": args.tick_s, "max_instances": 1000, "max_age_s": 60}
     st = IngestStack(pubsub=pubsub, firestore=firestore, gcs=gcs, logs_dir=logs, data_dir=work / "hc",

@@ -79,9 +79,9 @@ def _calls_only(firestore_host: str, pubsub_host: str, hc_url: str, store: str, 
     per second. What the emulators allow; no code in the function can beat it."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from handlers.adapters import google_http as gh
-    from handlers.adapters.events import Events
+    from handlers.adapters import transport as gh
     from handlers.adapters.firestore import Firestore
+    from handlers.adapters.pubsub import Events
     fs = Firestore(PROJECT, emulator_host=firestore_host)
     events = Events(PROJECT, "events", emulator_host=pubsub_host)
 

@@ -34,7 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.support import dicom_files, procs  # noqa: E402
+from stack import dicom_files  # noqa: E402
+from stack import services as procs
 from tests.support.hcapi import HC  # noqa: E402
 
 PROJECT = "bench-project"
@@ -87,9 +88,9 @@ def main() -> int:
 
 def run(args, hc_url: str) -> dict:
     import config
-    from handlers import poller
-    from handlers.adapters import ledger as L
+    from handlers import poller, wiring
     from handlers.adapters.healthcare import Healthcare
+    from handlers.core import ledger as L
 
     api = HC(hc_url, project=PROJECT)
     store = api.store()
@@ -124,7 +125,7 @@ def run(args, hc_url: str) -> dict:
     out = {"requests": args.requests, "latencyS": args.latency, "operationsCreated": n_ops,
            "operationsCreateS": round(created_s, 2)}
     s = settings("bench-ledger")
-    ledger, hc, events = poller.clients(s)
+    ledger, hc, events = wiring.poller_for(s)
     seed(ledger, args.requests)
 
     if not args.skip_sequential:  # baseline A
@@ -140,7 +141,7 @@ def run(args, hc_url: str) -> dict:
         make_due(ledger, args.requests)
 
     s1 = settings("bench-ledger", POLL_CONCURRENCY="1", POLL_BUDGET_S="600", POLL_CALL_TIMEOUT_S="10")
-    summary = poller.Tick(s1, *poller.clients(s1)).run()
+    summary = poller.Tick(s1, *wiring.poller_for(s1)).run()
     assert summary.get("running") == args.requests, summary
     out["concurrency1S"] = summary["elapsedS"]
     make_due(ledger, args.requests)
@@ -155,7 +156,7 @@ def run(args, hc_url: str) -> dict:
 
     if args.scale:
         s = settings("bench-scale")
-        ledger, hc, events = poller.clients(s)
+        ledger, hc, events = wiring.poller_for(s)
         seed(ledger, args.scale)
         summary = poller.Tick(s, ledger, hc, events).run()
         out["scale"] = {"requests": args.scale, "polled": summary.get("running", 0), "runS": summary["elapsedS"],

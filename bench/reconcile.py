@@ -137,11 +137,8 @@ def main() -> int:  # noqa: C901 - a linear script
         assert "error" not in op, op
 
         import config
-        from handlers import reconcile
+        from handlers import reconcile, wiring
         from handlers.adapters.bigquery import BigQuery
-        from handlers.adapters.dicomweb import DicomWeb
-        from handlers.adapters.events import Events
-        from handlers.adapters.reconcile_state import ReconcileState
 
         bq = BigQuery(hc.url, PROJECT)
         made = diverge(api, bq, store, table, uids, int(args.instances * args.divergence), random.Random(7))
@@ -149,15 +146,14 @@ def main() -> int:  # noqa: C901 - a linear script
 
         from google.cloud import pubsub_v1
         pubsub_v1.PublisherClient().create_topic(name=f"projects/{PROJECT}/topics/bench-events")
-        s = config.load({"GOOGLE_CLOUD_PROJECT": PROJECT, "LEDGER_COLLECTION": "bench",
+        s = config.load({**os.environ, "GOOGLE_CLOUD_PROJECT": PROJECT, "LEDGER_COLLECTION": "bench",
                          "INGEST_ROUTES": json.dumps({store: table}), "INGEST_FILTER_BUCKET": "bench-filters",
                          "HEALTHCARE_API_ENDPOINT": hc.url, "BIGQUERY_API_ENDPOINT": hc.url,
                          "EXPORT_EVENTS_TOPIC": "bench-events", "RECONCILE_MAX_STUDIES": str(args.instances),
                          "RECONCILE_MAX_INSTANCES": str(args.instances)})
-        state = ReconcileState(s.ledger_collection, PROJECT)
-        web, rbq = DicomWeb(hc.url), BigQuery(hc.url, PROJECT)
+        state, ingest, web, rbq, events = wiring.reconcile_for(s)
         read = counting(web, rbq)
-        rec = reconcile.Reconcile(s, state, state, web, rbq, Events(PROJECT, "bench-events"))
+        rec = reconcile.Reconcile(s, state, ingest, web, rbq, events)
         t = time.monotonic()
         report = rec.route(store, table).counts()
         rec_s = time.monotonic() - t

@@ -1,36 +1,30 @@
 """Settings: environment variables, all read and validated once, at start.
 
 A bad value raises SettingsError naming the variable, which stops the function at load time
-(the contract, §3). Nothing here imports a Google client: this module is on every cold start.
+(docs/contract.md, "Settings"). Nothing here imports a Google client or anything of handlers/: this
+module is on every cold start. The name rules shared with the request validator are config/shapes.py.
 """
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
+from config import shapes
+from config.shapes import PROJECT, valid_store_name
+
+Env = Mapping[str, str]
+
 
 class SettingsError(ValueError):
     """A setting is missing or malformed; the message names the variable."""
 
 
-# Resource-name pieces shared with the request validator (handlers/request.py).
-PROJECT_ID = r"[a-z][a-z0-9-]{4,28}[a-z0-9]"
-DOMAIN = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)+"
-PROJECT = rf"(?:{DOMAIN}:)?{PROJECT_ID}"
-LOCATION = r"[a-z][a-z0-9-]{0,62}"
-HC_ID = r"[A-Za-z0-9_.-]{1,256}"
-DICOM_STORE_RE = re.compile(
-    rf"^projects/({PROJECT})/locations/({LOCATION})/datasets/({HC_ID})/dicomStores/({HC_ID})$")
 TOPIC_ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9._~+%-]{2,254}$")
-
-
-def valid_store_name(name: str) -> bool:
-    m = DICOM_STORE_RE.match(name)
-    return bool(m) and not any(part in (".", "..") for part in m.groups()[2:])
 
 
 @dataclass(frozen=True)
@@ -45,21 +39,21 @@ class Settings:
     allowed_bq_datasets: tuple[str, ...] = ()
     default_dicom_store: str | None = None
     max_operation_age_s: float = 86400.0
-    # Added by the intake function (README.md, settings table):
+    # Added by the intake function (docs/contract.md, "Settings"):
     max_request_bytes: int = 65536
     max_request_age_s: float = 3600.0
     healthcare_retry_budget_s: float = 30.0
     healthcare_http_timeout_s: float = 30.0
     intake_lease_s: float = 60.0
     poll_initial_interval_s: float = 1.0
-    # Added by the poller (README.md, settings table):
+    # Added by the poller (docs/contract.md, "Settings"):
     poll_concurrency: int = 16
     poll_budget_s: float = 45.0
     poll_lease_s: float = 60.0
     poll_page_size: int = 200
     poll_max_interval_s: float = 180.0
     poll_call_timeout_s: float = 10.0
-    # Added by the ingest function (README.md, "Ingest", settings table):
+    # Added by the ingest function (docs/design.md, "Ingest"; docs/contract.md, "Settings"):
     ingest_routes: tuple[tuple[str, str], ...] = ()  # (store resource name, bq:// table URI), sorted
     ingest_route_options: tuple[tuple[str, str], ...] = ()  # (store, JSON of extra bigqueryDestination fields)
     ingest_filter_bucket: str | None = None
@@ -72,7 +66,7 @@ class Settings:
     reconcile_max_studies: int = 5000
     reconcile_max_instances: int = 20000
     reconcile_dry_run: bool = False
-    # Where the Google APIs are (handlers/adapters/google_http.py): emulators when set, else Google's endpoints.
+    # Where the Google APIs are (handlers/wiring.py passes them to the adapters): emulators when set, else Google's endpoints.
     firestore_database: str = "(default)"
     firestore_emulator_host: str | None = None
     pubsub_emulator_host: str | None = None
@@ -100,7 +94,7 @@ def is_loopback_url(url: str) -> bool:
         return False
 
 
-def _number(env, name: str, default: float, *, minimum: float, integer: bool = False):
+def _number(env: Env, name: str, default: float, *, minimum: float, integer: bool = False) -> Any:
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -114,7 +108,7 @@ def _number(env, name: str, default: float, *, minimum: float, integer: bool = F
     return value
 
 
-def _patterns(env, name: str) -> tuple[str, ...]:
+def _patterns(env: Env, name: str) -> tuple[str, ...]:
     items = tuple(p.strip() for p in env.get(name, "").split(",") if p.strip())
     for p in items:
         if any(c.isspace() for c in p):
@@ -122,16 +116,16 @@ def _patterns(env, name: str) -> tuple[str, ...]:
     return items
 
 
-def _topic(env, name: str, default: str) -> str:
+def _topic(env: Env, name: str, default: str) -> str:
     value = env.get(name, "").strip() or default
     if not TOPIC_ID_RE.match(value) or value.lower().startswith("goog"):
         raise SettingsError(f"{name}={value!r}: not a valid Pub/Sub topic ID")
     return value
 
 
-def _poll_settings(env) -> dict:
+def _poll_settings(env: Env) -> dict[str, Any]:
     """The poller's settings (poll_exports), checked against each other."""
-    def bounded(name, default, lo, hi, integer=False):
+    def bounded(name: str, default: float, lo: float, hi: float, integer: bool = False) -> Any:
         value = _number(env, name, default, minimum=lo, integer=integer)
         if value > hi:
             raise SettingsError(f"{name}={value}: must be at most {hi}")
@@ -160,21 +154,40 @@ INGEST_DESTINATION_OPTIONS = ("schemaJson", "schemaFlattened", "includeSourceSto
 INGEST_MAX_BATCH_LIMIT = 2000  # a batch document holds its paths: 2000 x <= 220 bytes stays far below 1 MiB
 
 
-def _ingest_settings(env) -> dict:
-    """The ingest function's settings. Every route is checked with the intake's own validator, so a
-    batch request can never be rejected for its store, table, bucket or the allowlists."""
-    import json
-
+def _ingest_settings(env: Env) -> dict[str, Any]:
+    """The ingest function's settings. Every route is checked with the request's own rules
+    (config/shapes.py), so a batch request can never be rejected for its store, table, bucket or the
+    allowlists."""
     raw_bucket = env.get("INGEST_FILTER_BUCKET", "").strip() or None
     max_n = _number(env, "INGEST_BATCH_MAX_INSTANCES", 1000, minimum=1, integer=True)
     if max_n > INGEST_MAX_BATCH_LIMIT:
         raise SettingsError(f"INGEST_BATCH_MAX_INSTANCES={max_n}: must be at most {INGEST_MAX_BATCH_LIMIT} (a "
                             "batch's paths are kept in one Firestore document, limited to 1 MiB)")
     max_age = _number(env, "INGEST_BATCH_MAX_AGE_S", 60.0, minimum=1)
-    text = env.get("INGEST_ROUTES", "").strip() or "{}"
+    routes = _routes_json(env.get("INGEST_ROUTES", "").strip() or "{}")
+    if raw_bucket is not None or routes:
+        if raw_bucket is None:
+            raise SettingsError("INGEST_FILTER_BUCKET: required when INGEST_ROUTES names a store (batch filter "
+                                "files are written there)")
+        try:
+            shapes.filter_config({"filterConfig": {"resourcePathsGcsUri": f"gs://{raw_bucket}/ingest/x.txt"}})
+        except shapes.ShapeError as e:
+            raise SettingsError(f"INGEST_FILTER_BUCKET={raw_bucket!r}: {e.message}") from None
+    allowlists = (_patterns(env, "ALLOWED_DICOM_STORES"), _patterns(env, "ALLOWED_BQ_DATASETS"))
+    tables, options = {}, {}
+    for store, value in routes.items():
+        uri, extra = _route(store, value)
+        if extra:
+            options[store] = json.dumps(extra, sort_keys=True, separators=(",", ":"))
+        _check_route(store, uri, extra, raw_bucket, allowlists)
+        tables[store] = uri
+    return dict(ingest_routes=tuple(sorted(tables.items())), ingest_route_options=tuple(sorted(options.items())),
+                ingest_filter_bucket=raw_bucket, ingest_batch_max_instances=max_n, ingest_batch_max_age_s=max_age)
 
-    def pairs(items):
-        out = {}
+
+def _routes_json(text: str) -> dict[str, Any]:
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
         for k, v in items:
             if k in out:
                 raise SettingsError(f"INGEST_ROUTES: store {k!r} appears more than once")
@@ -188,54 +201,10 @@ def _ingest_settings(env) -> dict:
     if not isinstance(routes, dict):
         raise SettingsError("INGEST_ROUTES: must be a JSON object {\"STORE RESOURCE NAME\": "
                             "\"bq://PROJECT.DATASET.TABLE\"}")
-    if raw_bucket is not None or routes:
-        from handlers import request as req  # pure (no I/O); imported only when ingest is configured
-
-        if raw_bucket is None:
-            raise SettingsError("INGEST_FILTER_BUCKET: required when INGEST_ROUTES names a store (batch filter "
-                                "files are written there)")
-        policy = req.Policy(allowed_stores=_patterns(env, "ALLOWED_DICOM_STORES"),
-                            allowed_datasets=_patterns(env, "ALLOWED_BQ_DATASETS"))
-        probe = req.parse(json.dumps({"requestId": "ingest-settings-check", "dicomStore": "projects/p-check/"
-                                      "locations/l/datasets/d/dicomStores/s", "bigqueryDestination": {
-                                          "tableUri": "bq://p-check.d.t"},
-                                      "filterConfig": {"resourcePathsGcsUri": f"gs://{raw_bucket}/ingest/x.txt"}
-                                      }).encode(), "m")
-        if not probe.ok and probe.rejection.field.startswith("filterConfig"):
-            raise SettingsError(f"INGEST_FILTER_BUCKET={raw_bucket!r}: {probe.rejection.message}")
-    tables, options = {}, {}
-    for store, value in routes.items():
-        # "bq://P.D.T", or {"tableUri": "bq://P.D.T", "schemaJson": {}} (also schemaFlattened,
-        # includeSourceStore): the extra fields are passed to every batch's bigqueryDestination.
-        if isinstance(value, dict):
-            extra = {k: v for k, v in value.items() if k != "tableUri"}
-            unknown = sorted(set(extra) - set(INGEST_DESTINATION_OPTIONS))
-            if unknown or not isinstance(value.get("tableUri"), str):
-                raise SettingsError(f"INGEST_ROUTES: the route of store {store!r} must be \"bq://PROJECT.DATASET."
-                                    "TABLE\" or an object with tableUri and optionally "
-                                    f"{', '.join(INGEST_DESTINATION_OPTIONS)}"
-                                    + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
-            uri = value["tableUri"]
-            if extra:
-                options[store] = json.dumps(extra, sort_keys=True, separators=(",", ":"))
-        elif isinstance(value, str):
-            uri, extra = value, {}
-        else:
-            raise SettingsError(f"INGEST_ROUTES: the route of store {store!r} must be a string "
-                                "\"bq://PROJECT.DATASET.TABLE\" or an object with tableUri")
-        body = {"requestId": "ingest-settings-check", "dicomStore": store,
-                "bigqueryDestination": {"tableUri": uri, **extra, "writeDisposition": "WRITE_APPEND"},
-                "filterConfig": {"resourcePathsGcsUri": f"gs://{raw_bucket}/ingest/x.txt"},
-                "labels": {"ingest-batch": "0123456789abcdef-000001"}}
-        parsed = req.parse(json.dumps(body).encode(), "m", policy)
-        if not parsed.ok:
-            raise SettingsError(f"INGEST_ROUTES: route {store!r} -> {uri!r}: {parsed.rejection.message}")
-        tables[store] = uri
-    return dict(ingest_routes=tuple(sorted(tables.items())), ingest_route_options=tuple(sorted(options.items())),
-                ingest_filter_bucket=raw_bucket, ingest_batch_max_instances=max_n, ingest_batch_max_age_s=max_age)
+    return routes
 
 
-def _endpoint(env: Mapping[str, str], name: str, default: str) -> str:
+def _endpoint(env: Env, name: str, default: str) -> str:
     """An API root URL; plain http only for a local emulator (a bearer token never travels in clear text)."""
     endpoint = (env.get(name, "").strip() or default).rstrip("/")
     parts = urlsplit(endpoint)
@@ -247,7 +216,7 @@ def _endpoint(env: Mapping[str, str], name: str, default: str) -> str:
     return endpoint
 
 
-def _table_settings(env: Mapping[str, str]) -> dict[str, Any]:
+def _table_settings(env: Env) -> dict[str, Any]:
     """Settings of deletions, re-driven batches and reconcile_tables."""
     def bounded(name: str, default: float, lo: float, hi: float, integer: bool = False) -> Any:
         value = _number(env, name, default, minimum=lo, integer=integer)
@@ -266,7 +235,38 @@ def _table_settings(env: Mapping[str, str]) -> dict[str, Any]:
                 reconcile_dry_run=dry in ("1", "true"))
 
 
-def _host_port(env, name: str) -> str | None:
+def _route(store: str, value: Any) -> tuple[str, dict[str, Any]]:
+    """A route's table URI and extra bigqueryDestination fields: "bq://P.D.T", or {"tableUri": "bq://P.D.T",
+    "schemaJson": {}} (also schemaFlattened, includeSourceStore), passed to every batch's destination."""
+    if isinstance(value, dict):
+        extra = {k: v for k, v in value.items() if k != "tableUri"}
+        unknown = sorted(set(extra) - set(INGEST_DESTINATION_OPTIONS))
+        if unknown or not isinstance(value.get("tableUri"), str):
+            raise SettingsError(f"INGEST_ROUTES: the route of store {store!r} must be \"bq://PROJECT.DATASET."
+                                "TABLE\" or an object with tableUri and optionally "
+                                f"{', '.join(INGEST_DESTINATION_OPTIONS)}"
+                                + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+        return value["tableUri"], extra
+    if isinstance(value, str):
+        return value, {}
+    raise SettingsError(f"INGEST_ROUTES: the route of store {store!r} must be a string "
+                        "\"bq://PROJECT.DATASET.TABLE\" or an object with tableUri")
+
+
+def _check_route(store: str, uri: str, extra: dict[str, Any], bucket: str | None,
+                 allowlists: tuple[tuple[str, ...], tuple[str, ...]]) -> None:
+    """The checks a batch's export request will pass, in the order the request validator makes them."""
+    try:
+        shapes.dicom_store({"dicomStore": store}, None)
+        dest = shapes.destination({"bigqueryDestination": {"tableUri": uri, **extra,
+                                                           "writeDisposition": "WRITE_APPEND"}})
+        shapes.filter_config({"filterConfig": {"resourcePathsGcsUri": f"gs://{bucket}/ingest/x.txt"}})
+        shapes.check_allowlists(store, dest["tableUri"], *allowlists)
+    except shapes.ShapeError as e:
+        raise SettingsError(f"INGEST_ROUTES: route {store!r} -> {uri!r}: {e.message}") from None
+
+
+def _host_port(env: Env, name: str) -> str | None:
     value = env.get(name, "").strip() or None
     if value is not None:
         value = value.removeprefix("http://").rstrip("/")
@@ -275,7 +275,7 @@ def _host_port(env, name: str) -> str | None:
     return value
 
 
-def _endpoint_settings(env) -> dict:
+def _endpoint_settings(env: Env) -> dict[str, Any]:
     database = env.get("FIRESTORE_DATABASE", "").strip() or "(default)"
     if database != "(default)" and not re.fullmatch(r"[a-z][a-z0-9-]{2,62}", database):
         raise SettingsError(f"FIRESTORE_DATABASE={database!r}: must be (default) or a database ID "
@@ -291,19 +291,24 @@ def _endpoint_settings(env) -> dict:
                 on_google_cloud=bool(env.get("K_SERVICE", "").strip()), metadata_host=metadata)
 
 
-def load(env=None) -> Settings:
+def _healthcare(env: Env) -> tuple[str, str]:
+    """HEALTHCARE_API_ENDPOINT and HEALTHCARE_API_VERSION."""
+    endpoint = _endpoint(env, "HEALTHCARE_API_ENDPOINT", "https://healthcare.googleapis.com")
+
+    version = env.get("HEALTHCARE_API_VERSION", "").strip() or "v1"
+    if version not in ("v1", "v1beta1"):
+        raise SettingsError(f"HEALTHCARE_API_VERSION={version!r}: must be v1 or v1beta1")
+    return endpoint, version
+
+
+def load(env: Env | None = None) -> Settings:
     """Read and validate every setting; raise SettingsError naming the first bad variable."""
     env = os.environ if env is None else env
     project = (env.get("GOOGLE_CLOUD_PROJECT") or env.get("GCP_PROJECT") or "").strip() or None
     if project is not None and not re.fullmatch(PROJECT, project):
         raise SettingsError(f"GOOGLE_CLOUD_PROJECT={project!r}: not a valid project ID")
 
-    endpoint = _endpoint(env, "HEALTHCARE_API_ENDPOINT", "https://healthcare.googleapis.com")
-
-    version = env.get("HEALTHCARE_API_VERSION", "").strip() or "v1"
-    if version not in ("v1", "v1beta1"):
-        raise SettingsError(f"HEALTHCARE_API_VERSION={version!r}: must be v1 or v1beta1")
-
+    endpoint, version = _healthcare(env)
     collection = env.get("LEDGER_COLLECTION", "").strip() or "dicomExports"
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,100}", collection) or re.fullmatch(r"__.*__", collection):
         raise SettingsError(f"LEDGER_COLLECTION={collection!r}: must be 1-100 letters, digits, '_' or '-'")
@@ -353,6 +358,13 @@ def get() -> Settings:
     return _settings
 
 
+def reload() -> Settings:
+    """Read the environment again (handlers/wiring.py reset(), when tests change it)."""
+    global _settings
+    _settings = None
+    return get()
+
+
 def project_id(settings: Settings) -> str:
     """GOOGLE_CLOUD_PROJECT, or else the project of Application Default Credentials (asked on first use)."""
     if settings.project:
@@ -361,4 +373,4 @@ def project_id(settings: Settings) -> str:
     _, project = google.auth.default()
     if not project:
         raise SettingsError("GOOGLE_CLOUD_PROJECT is not set and the runtime does not tell the project")
-    return project
+    return str(project)

@@ -1,7 +1,8 @@
 """export_request: turn one export request (a Pub/Sub message) into one running export.
 
-Steps, each recorded in the ledger before the next (README.md, "Reliability", explains every crash window):
-  1. validate (handlers/request.py); create the ledger document (one create-only write): STARTING
+Steps, each recorded in the ledger before the next (docs/reliability.md, "Reliability: what happens when
+the intake dies between two steps", explains every crash window):
+  1. validate (handlers/core/request.py); create the ledger document (one create-only write): STARTING
      under this delivery's lease, or REJECTED with its event recorded as unpublished. A document that
      already exists makes this delivery a duplicate, and it only resumes what the ledger says is
      unfinished.
@@ -21,20 +22,29 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import os
-import socket
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, overload
 
 import config
-from handlers import event as ev
-from handlers import request as req
-from handlers.adapters import ledger as L
+from handlers import wiring
 from handlers.adapters import logs
-from handlers.lazy import once
+from handlers.core import events as ev
+from handlers.core import ledger as L
+from handlers.core import outbox
+from handlers.core import request as req
+from handlers.core.clock import INSTANCE, now, rfc3339
+from handlers.core.errors import PublishError
+from handlers.core.lazy import once
+from handlers.core.ledger import DELETE, Doc, Versioned, dataset_of
 
-INSTANCE = f"{socket.gethostname()}:{os.getpid()}"
+if TYPE_CHECKING:
+    from handlers.adapters.healthcare import Healthcare, TransientError
+    from handlers.adapters.ledger_store import Ledger
+    from handlers.adapters.pubsub import Events
+
 CLOCK_SKEW = timedelta(seconds=60)  # tolerance between our clock and the API's createTime
 OWNED_EVENTS = (ev.REJECTED, ev.STARTED, ev.FAILED)
 
@@ -43,40 +53,25 @@ class Redeliver(Exception):
     """Not done yet: the function fails so that Pub/Sub delivers the message again."""
 
 
-# -- clients: created once per instance, on first use ---------------------------------------------------
 @once
-def dependencies():
-    """(ledger, healthcare, events) for this instance."""
-    from handlers.adapters.events import Events
-    from handlers.adapters.healthcare import Healthcare
-    s = config.get()
-    project = config.project_id(s)
-    return (L.Ledger(s.ledger_collection, project),
-            Healthcare(s.healthcare_endpoint, s.healthcare_version, local=s.healthcare_is_local,
-                       timeout_s=s.healthcare_http_timeout_s, budget_s=s.healthcare_retry_budget_s),
-            Events(project, s.events_topic))
-
-
-@once
-def _executor():
+def _executor() -> ThreadPoolExecutor:
     """A few threads per instance, to publish an event while the ledger is written."""
-    from concurrent.futures import ThreadPoolExecutor
     return ThreadPoolExecutor(max_workers=8, thread_name_prefix="publish")
 
 
 # -- entry --------------------------------------------------------------------------------------------------
-def handle(cloud_event) -> None:
-    s = config.get()
+def handle(cloud_event: Any) -> None:
+    s = wiring.settings()
     message, message_id, published = ev.received(cloud_event)
-    published = published or L.now()
+    published = published or now()
     raw = _message_bytes(message)
     parsed = req.parse(raw, message_id, req.Policy.from_settings(s))
     trace, span = logs.trace_from(cloud_event, s.project)
     with logs.context(trace=trace, span=span, requestId=parsed.request_id, messageId=message_id):
-        Intake(s, *dependencies(), published_at=published).run(parsed, raw, message_id)
+        Intake(s, *wiring.intake(), published_at=published).run(parsed, raw, message_id)
 
 
-def _message_bytes(message: dict) -> bytes | None:
+def _message_bytes(message: Doc) -> bytes | None:
     data = message.get("data")
     if data is None:
         return b""
@@ -86,12 +81,9 @@ def _message_bytes(message: dict) -> bytes | None:
         return None
 
 
-def _rfc3339(t: datetime) -> str:
-    return t.astimezone(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
 class Intake:
-    def __init__(self, settings, ledger, healthcare, events, *, published_at: datetime):
+    def __init__(self, settings: config.Settings, ledger: Ledger, healthcare: Healthcare, events: Events, *,
+                 published_at: datetime):
         self.s = settings
         self.ledger = ledger
         self.hc = healthcare
@@ -107,10 +99,10 @@ class Intake:
                            lease_s=self.s.intake_lease_s)
         created, item = self.ledger.create(rid, doc)
         if created:
-            if parsed.ok:
+            r = parsed.rejection
+            if r is None:
                 logs.info("export request received", dicomStore=doc["dicomStore"], tableUri=doc["tableUri"])
             else:
-                r = parsed.rejection
                 logs.error(f"export request rejected: {r.message}", field=r.field, rule=r.rule)
         else:
             stored = item.doc
@@ -124,7 +116,7 @@ class Intake:
         self.advance(item, fresh=created)
 
     # -- the state machine -----------------------------------------------------------------------------
-    def advance(self, item: L.Versioned, *, fresh: bool = False) -> None:
+    def advance(self, item: Versioned, *, fresh: bool = False) -> None:
         """`fresh`: this delivery has just created the document (so holds its lease, and no export call
         can have been made for it yet)."""
         doc = item.doc
@@ -137,26 +129,21 @@ class Intake:
             if item.doc["state"] in (L.RECEIVED, L.STARTING):
                 item = self.start(item, fresh=fresh)
             pending = self.pending(item.doc)
-            for i, event_type in enumerate(pending):
-                item = self.publish(item, event_type, last=i == len(pending) - 1)
-            if not pending:
+            if pending:
+                outbox.drain(item, pending, item.doc["events"], publish=self.events.publish,
+                             published=self.published, failed=self.publish_failed)
+            else:
                 self.ledger.release(item.request_id, owner=self.owner, current=item)
         except BaseException:
             self._release_quietly(item)
             raise
 
-    def pending(self, doc: dict) -> list[str]:
-        """Events this function owns that are recorded but not known to be published."""
-        out = []
-        for event_type in OWNED_EVENTS:
-            e = (doc.get("events") or {}).get(event_type)
-            if e and not e.get("published"):
-                if event_type == ev.FAILED and doc.get("operation"):
-                    continue  # a failed operation's event belongs to the poller
-                out.append(event_type)
-        return out
+    def pending(self, doc: Doc) -> list[str]:
+        """Events this function owns that are recorded but not known to be published (a failed operation's
+        event belongs to the poller)."""
+        return [t for t in outbox.unpublished(doc, OWNED_EVENTS) if not (t == ev.FAILED and doc.get("operation"))]
 
-    def acquire(self, item: L.Versioned) -> L.Versioned:
+    def acquire(self, item: Versioned) -> Versioned:
         if item.doc.get("leaseOwner") == self.owner:
             return item
         # Taking over a STARTING request is a recovery: say so, so that another recovery of the same
@@ -171,20 +158,26 @@ class Intake:
             raise Redeliver(f"request {item.request_id} is being processed by another delivery")
         return claimed
 
-    def _release_quietly(self, item: L.Versioned) -> None:
+    def _release_quietly(self, item: Versioned) -> None:
         try:
             self.ledger.release(item.request_id, owner=self.owner)
         except Exception as e:  # noqa: BLE001 - the lease then simply expires
             logs.warning("could not release the lease; it will expire", problem=type(e).__name__)
 
-    def update(self, item: L.Versioned, updates: dict, *, release: bool = False) -> L.Versioned | None:
+    @overload
+    def update(self, item: Versioned, updates: Doc) -> Versioned: ...
+
+    @overload
+    def update(self, item: Versioned, updates: Doc, *, release: bool) -> Versioned | None: ...
+
+    def update(self, item: Versioned, updates: Doc, *, release: bool = False) -> Versioned | None:
         """Write `updates` if this delivery still holds the lease (one write when nobody else wrote since
         `item`); with `release`, drop the lease in the same write. Without the lease: Pub/Sub redelivers
         (or, with `release`, None: the lease was lost after the work was done)."""
         owner = self.owner
-        updates = {**updates, "updatedAt": L.now()}
+        updates = {**updates, "updatedAt": now()}
         if release:
-            updates.update(leaseOwner=L.DELETE, leaseUntil=L.DELETE)
+            updates.update(leaseOwner=DELETE, leaseUntil=DELETE)
         new = self.ledger.write(item, updates)
         if new is None:  # changed since: read again, and write only if the lease is still ours
             written, new = self.ledger.update(item.request_id,
@@ -195,7 +188,7 @@ class Intake:
         return new
 
     # -- 2-4. start the export ---------------------------------------------------------------------------
-    def start(self, item: L.Versioned, *, fresh: bool = False) -> L.Versioned:
+    def start(self, item: Versioned, *, fresh: bool = False) -> Versioned:
         from handlers.adapters.healthcare import ApiError, TransientError
 
         request = item.doc["request"]
@@ -207,9 +200,9 @@ class Intake:
                     found = self.find_operation(item.doc, version)
                     if found is not None:
                         return self.started(item, found, version, recovered=True)
-                t = L.now()
+                t = now()
                 attempt = {"state": L.STARTING, "lastAttemptAt": t, "attempts": int(item.doc.get("attempts") or 0) + 1,
-                           "recoveringBy": L.DELETE}  # an export call again: others of the dataset wait for it
+                           "recoveringBy": DELETE}  # an export call again: others of the dataset wait for it
                 if not item.doc.get("firstAttemptAt"):
                     attempt["firstAttemptAt"] = t
                 item = self.update(item, attempt)
@@ -239,18 +232,16 @@ class Intake:
             return self.failed(item, {"code": 10, "message": str(e)})
 
     # -- 5. publish ---------------------------------------------------------------------------------------
-    def publish(self, item: L.Versioned, event_type: str, *, last: bool) -> L.Versioned:
-        from handlers.adapters.events import PublishError
+    def publish_failed(self, item: Versioned, event_type: str, e: PublishError) -> None:
+        logs.warning("could not publish the event; Pub/Sub will redeliver the request", problem=str(e),
+                     eventType=event_type)
+        raise Redeliver(str(e)) from e
 
-        recorded = item.doc["events"][event_type]
-        try:
-            message_id = self.events.publish(recorded["data"], recorded["attributes"])
-        except PublishError as e:
-            logs.warning("could not publish the event; Pub/Sub will redeliver the request", problem=str(e),
-                         eventType=event_type)
-            raise Redeliver(str(e)) from e
+    def published(self, item: Versioned, event_type: str, recorded: Doc, message_id: str,
+                  last: bool) -> Versioned | None:
+        """Record a publication (the last one together with the lease's release)."""
         self._published(event_type, recorded)
-        updates = self._publication(event_type, message_id)
+        updates = outbox.publication(event_type, message_id, now())
         if last:
             new = self.update(item, updates, release=True)
             if new is None:
@@ -261,17 +252,12 @@ class Intake:
         return self.update(item, updates)
 
     @staticmethod
-    def _publication(event_type: str, message_id: str) -> dict:
-        return {f"events.{event_type}.published": True, f"events.{event_type}.publishedAt": L.now(),
-                f"events.{event_type}.messageId": message_id}
-
-    @staticmethod
-    def _published(event_type: str, recorded: dict) -> None:
+    def _published(event_type: str, recorded: Doc) -> None:
         severity = logs.error if event_type == ev.FAILED else logs.info
         severity(f"published {event_type}", eventType=event_type, eventId=recorded["eventId"],
                  error=recorded["data"].get("error"))
 
-    def started(self, item: L.Versioned, op: dict, version: str, *, recovered: bool = False) -> L.Versioned:
+    def started(self, item: Versioned, op: Doc, version: str, *, recovered: bool = False) -> Versioned:
         """Record the operation (with EXPORT_STARTED, unpublished, and the lease's release) while the event
         is being published, then record the publication.
 
@@ -281,15 +267,12 @@ class Intake:
         the recorded event; if it dies after the publish but before the second write, the event is
         published again with the same eventId. If the publish fails, Pub/Sub redelivers the request,
         and the redelivery publishes the recorded event."""
-        from handlers.adapters.events import PublishError
-
         meta = op.get("metadata") or {}
-        t = L.now()
+        t = now()
         updates = {"state": L.STARTED, "operation": op["name"], "apiVersion": version,
                    "createTime": meta.get("createTime"), "logsUrl": meta.get("logsUrl"),
                    "nextPollAt": t + timedelta(seconds=1), "pollInterval": self.s.poll_initial_interval_s}
-        built = ev.build(ev.STARTED, {**item.doc, **updates})
-        updates[f"events.{ev.STARTED}"] = {**built, "published": False}
+        built, updates = outbox.record(ev.STARTED, {**item.doc, **updates}, updates)
         logs.bind(operation=op["name"], logsUrl=meta.get("logsUrl"))
         logs.info("export started" + (" (operation found again after an interrupted call)" if recovered else ""),
                   recovered=recovered)
@@ -299,6 +282,8 @@ class Intake:
         try:
             new = self.update(item, updates, release=True)
         finally:
+            message_id: str | None
+            problem: PublishError | None
             try:
                 message_id, problem = publishing.result(), None
             except PublishError as e:
@@ -311,26 +296,25 @@ class Intake:
         if new is None:
             logs.warning("lost the lease before recording the operation; the delivery holding it publishes the "
                          "event again, with the same eventId", eventType=ev.STARTED)
-            return L.Versioned(L.apply_updates(item.doc, updates), None)
-        publication = self._publication(ev.STARTED, message_id)
+            return Versioned(L.apply_updates(item.doc, updates), None)
+        publication = outbox.publication(ev.STARTED, message_id, now())
         done = self.ledger.write(new, publication)
         if done is None:  # the poller or a redelivery wrote since: record it unless one of them published it
             key = ev.STARTED
 
-            def decide(doc):
+            def decide(doc: Doc) -> Doc | None:
                 return None if ((doc.get("events") or {}).get(key) or {}).get("published") else publication
             _, done = self.ledger.update(item.request_id, decide)
         return done or new
 
-    def failed(self, item: L.Versioned, error: dict) -> L.Versioned:
-        t = L.now()
-        updates = {"state": L.FAILED, "error": error, "endTime": _rfc3339(t)}
-        built = ev.build(ev.FAILED, {**item.doc, **updates})
-        updates[f"events.{ev.FAILED}"] = {**built, "published": False}
+    def failed(self, item: Versioned, error: Doc) -> Versioned:
+        t = now()
+        updates: Doc = {"state": L.FAILED, "error": error, "endTime": rfc3339(t)}
+        _, updates = outbox.record(ev.FAILED, {**item.doc, **updates}, updates)
         return self.update(item, updates)
 
-    def transient(self, item: L.Versioned, e) -> L.Versioned:
-        age = (L.now() - (item.doc.get("publishTime") or self.published_at)).total_seconds()
+    def transient(self, item: Versioned, e: TransientError) -> Versioned:
+        age = (now() - (item.doc.get("publishTime") or self.published_at)).total_seconds()
         if age <= self.s.max_request_age_s:
             logs.warning("the Healthcare API is unavailable; Pub/Sub will redeliver the request",
                          problem=str(e), ageS=round(age, 1))
@@ -342,7 +326,7 @@ class Intake:
         return self.failed(item, {"code": 4, "message": message})
 
     # -- the crash window between "export returned" and "operation recorded" -----------------------------
-    def find_operation(self, doc: dict, version: str) -> dict | None:
+    def find_operation(self, doc: Doc, version: str) -> Doc | None:
         """The export this request started before its delivery was interrupted, if any.
 
         Operations carry no request id, so: list the dataset's export operations created since the
@@ -350,21 +334,22 @@ class Intake:
         same dataset may be mid-call (a live lease, not a recovery like this one), wait for it
         (redeliver); one candidate and no other request in STARTING is ours; none means nothing
         started; otherwise they cannot be told apart, so fail rather than risk exporting twice."""
-        dataset = _dataset_of(doc["request"]["dicomStore"])
-        since = (doc.get("firstAttemptAt") or doc.get("lastAttemptAt") or L.now()) - CLOCK_SKEW
+        dataset = dataset_of(doc["request"]["dicomStore"])
+        assert dataset is not None  # a request that got this far has a valid store name
+        since = (doc.get("firstAttemptAt") or doc.get("lastAttemptAt") or now()) - CLOCK_SKEW
         candidates = []
         for op in self.hc.iter_operations(dataset, version=version, deadline=self.deadline):
             meta = op.get("metadata") or {}
             created = ev.parse_time(meta.get("createTime"))
             if "ExportDicomData" in str(meta.get("apiMethodName", "")) and created is not None and created >= since:
                 candidates.append(op)
-        recent = L.now() - timedelta(seconds=2 * self.s.max_request_age_s)  # older ones give up on their own
+        recent = now() - timedelta(seconds=2 * self.s.max_request_age_s)  # older ones give up on their own
         others = [d for d in self.ledger.in_state(L.STARTING, hcDataset=dataset)
                   if d["requestId"] != doc["requestId"] and (d.get("publishTime") or recent) >= recent]
         candidates = [op for op in candidates if self.ledger.find_by_operation(op["name"]) is None]
         # Wait for a delivery that may be in its export call (it records its operation in a moment), but
         # never for another recovery: that one is doing just this, and would wait for us in turn.
-        t = L.now()
+        t = now()
         if any(d.get("leaseUntil") and d["leaseUntil"] > t and d.get("recoveringBy") != d.get("leaseOwner")
                for d in others):
             logs.info("another request of the same dataset is starting its export; waiting for it",
@@ -377,7 +362,7 @@ class Intake:
             return candidates[0]
         names = ", ".join(op["name"] for op in candidates[:5])
         raise _Ambiguous(f"cannot tell which of {len(candidates)} export operations started since "
-                         f"{_rfc3339(since)} belongs to this request ({names}); not exporting again")
+                         f"{rfc3339(since)} belongs to this request ({names}); not exporting again")
 
 
 class _Ambiguous(Exception):
@@ -385,29 +370,25 @@ class _Ambiguous(Exception):
 
 
 def new_document(parsed: req.Parsed, raw: bytes | None, message_id: str, *, published_at: datetime,
-                 owner: str | None, lease_s: float, at: datetime | None = None) -> dict:
+                 owner: str | None, lease_s: float, at: datetime | None = None) -> Doc:
     """The ledger document of a request as first recorded: STARTING (its first export attempt follows
     at once, under the lease it is created with), or REJECTED with its event."""
-    t = at or L.now()
+    t = at or now()
     doc = {
         "requestId": parsed.request_id, "state": L.RECEIVED, "messageId": message_id,
         "payloadSha256": hashlib.sha256(raw).hexdigest() if isinstance(raw, bytes) else None,
         "publishTime": published_at, "receivedAt": t, "updatedAt": t,
         "request": parsed.request, "labels": parsed.known.get("labels") or {},
         "dicomStore": parsed.known.get("dicomStore"),
-        "hcDataset": _dataset_of(parsed.known.get("dicomStore")),
+        "hcDataset": dataset_of(parsed.known.get("dicomStore")),
         "tableUri": (parsed.known.get("bigqueryDestination") or {}).get("tableUri"),
         "operation": None, "apiVersion": None, "createTime": None, "endTime": None, "logsUrl": None,
         "counter": None, "error": None, "events": {},
         "leaseOwner": owner, "leaseUntil": t + timedelta(seconds=lease_s) if owner else None,
     }
-    if parsed.ok:
+    if parsed.rejection is None:
         doc.update(state=L.STARTING, attempts=1, firstAttemptAt=t, lastAttemptAt=t)
     else:
-        doc.update(state=L.REJECTED, error=parsed.rejection.error(), endTime=_rfc3339(t))
+        doc.update(state=L.REJECTED, error=parsed.rejection.error(), endTime=rfc3339(t))
         doc["events"] = {ev.REJECTED: {**ev.build(ev.REJECTED, doc), "published": False}}
     return doc
-
-
-def _dataset_of(store: str | None) -> str | None:
-    return store.split("/dicomStores/")[0] if isinstance(store, str) and "/dicomStores/" in store else None

@@ -1,4 +1,4 @@
-"""poll_exports: follow every STARTED export to its end (README.md, "The poller").
+"""poll_exports: follow every STARTED export to its end (docs/design.md, "The poller").
 
 Cloud Scheduler publishes a tick on the poll topic; each tick is one run of TICK_TASKS:
 
@@ -21,9 +21,7 @@ Overlapping runs (two ticks, a redelivered tick) are safe: a request is handled 
 """
 from __future__ import annotations
 
-import os
 import random
-import socket
 import threading
 import time
 import traceback
@@ -31,54 +29,42 @@ import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
 import config
-from handlers import event as ev
-from handlers.adapters import ledger as L
+from handlers import wiring
 from handlers.adapters import logs
-from handlers.lazy import once
+from handlers.core import events as ev
+from handlers.core import ledger as L
+from handlers.core import outbox
+from handlers.core.clock import INSTANCE, now
+from handlers.core.errors import PublishError
+from handlers.core.ledger import DELETE, Doc, Versioned
 
-INSTANCE = f"{socket.gethostname()}:{os.getpid()}"
+if TYPE_CHECKING:
+    from handlers.adapters.firestore import Doc as Cursor
+    from handlers.adapters.healthcare import Healthcare
+    from handlers.adapters.ledger_store import Ledger
+    from handlers.adapters.pubsub import Events
+
 BACKOFF = 1.4  # gcloud's waiter: x1.4 per poll, capped (POLL_MAX_INTERVAL_S, default 180 s)
 STATE_EVENT = {L.SUCCEEDED: ev.SUCCEEDED, L.FAILED: ev.FAILED, L.CANCELLED: ev.CANCELLED,
                L.TIMED_OUT: ev.TIMED_OUT}
-# The fields a poll reads, and that a terminal event is built from (the page query reads only these,
-# not the recorded events' bodies).
-POLL_FIELDS = ("operation", "apiVersion", "createTime", "firstAttemptAt", "receivedAt", "pollInterval", "polls",
-               "pollErrors", "logsUrl", "counter", "endTime", "error", "request", "requestId", "dicomStore", "tableUri",
-               "filterConfig", "labels", f"events.{ev.STARTED}.published")
+# The fields a poll reads: those a terminal event is built from, the poll's own, and whether EXPORT_STARTED
+# is published (the page query reads only these, not the recorded events' bodies).
+POLL_FIELDS = (*L.EVENT_FIELDS, *L.POLL_OWN_FIELDS, L.published_field(ev.STARTED))
 GONE_HINT = ("The API keeps an operation's record for about 30 days after it ends, so its outcome is unknown: "
              "check the destination table, or export again with a new requestId.")
 
 
-# -- clients: created once per instance, on first use ---------------------------------------------------
-@once
-def dependencies():
-    """(ledger, healthcare, events) of this instance (created on the first tick, then reused)."""
-    return clients(config.get())
-
-
-def clients(s) -> tuple:
-    """New (ledger, healthcare, events) for settings `s`, sized for the poller's concurrency."""
-    from handlers.adapters.events import Events
-    from handlers.adapters.healthcare import Healthcare
-
-    project = config.project_id(s)
-    return (L.Ledger(s.ledger_collection, project),
-            Healthcare(s.healthcare_endpoint, s.healthcare_version, local=s.healthcare_is_local,
-                       timeout_s=s.poll_call_timeout_s, budget_s=s.poll_call_timeout_s),
-            Events(project, s.events_topic, timeout_s=s.poll_call_timeout_s))
-
-
 # -- entry --------------------------------------------------------------------------------------------------
-def handle(cloud_event) -> dict:
+def handle(cloud_event: Any) -> dict[str, Any]:
     """One tick. Never raises: a failed run is logged (ERROR) and the next tick tries again, so a
     redelivered or piled-up tick never multiplies the work."""
-    s = config.get()
+    s = wiring.settings()
     trace, span = logs.trace_from(cloud_event, s.project)
     try:
-        deps = dependencies()
+        deps = wiring.poller()
     except Exception as e:  # noqa: BLE001 - e.g. no project: logged, and the tick is acknowledged
         logs.error(f"the poller cannot start: {type(e).__name__}: {e}")
         return {}
@@ -88,8 +74,8 @@ def handle(cloud_event) -> dict:
 class Tick:
     """One run: settings, clients, a lease owner id, a time budget and counters."""
 
-    def __init__(self, settings, ledger, healthcare, events, *, trace: str | None = None, span: str | None = None,
-                 tasks: list[Callable[["Tick"], None]] | None = None):
+    def __init__(self, settings: config.Settings, ledger: Ledger, healthcare: Healthcare, events: Events, *,
+                 trace: str | None = None, span: str | None = None, tasks: list[Callable[["Tick"], None]] | None = None):
         self.s = settings
         self.ledger, self.hc, self.events = ledger, healthcare, events
         self.run_id = uuid.uuid4().hex[:12]
@@ -99,7 +85,7 @@ class Tick:
         self.t0 = time.monotonic()
         self.deadline = self.t0 + settings.poll_budget_s          # no call runs past it
         self.stop_at = self.deadline - settings.poll_call_timeout_s  # no new work starts after it
-        self.stats: Counter = Counter()
+        self.stats: Counter[str] = Counter()
         self._lock = threading.Lock()
         self.transient_sample: str | None = None
 
@@ -116,10 +102,10 @@ class Tick:
         with self._lock:
             self.stats[key] += n
 
-    def context(self, **labels):
+    def context(self, **labels: Any) -> ContextManager[None]:
         return logs.context(trace=self.trace, span=self.span, pollRun=self.run_id, **labels)
 
-    def run(self) -> dict:
+    def run(self) -> dict[str, Any]:
         with self.context():
             for task in self.tasks:
                 try:
@@ -128,7 +114,7 @@ class Tick:
                     self.count("taskErrors")
                     logs.error(f"poll task {task.__name__} failed: {type(e).__name__}: {e}", task=task.__name__,
                                traceback=traceback.format_exc(limit=8))
-            summary = {k: v for k, v in sorted(self.stats.items())}
+            summary: dict[str, Any] = {k: v for k, v in sorted(self.stats.items())}
             summary["elapsedS"] = round(time.monotonic() - self.t0, 3)
             if self.stats["transient"]:
                 logs.warning(f"operations.get failed transiently (429/5xx/connection) for {self.stats['transient']} "
@@ -153,12 +139,15 @@ def poll_started(tick: Tick) -> None:
     _each_due(tick, state=L.STARTED, fields=POLL_FIELDS, work=poll_one)
 
 
-def _each_due(tick: Tick, *, state: str, fields, work) -> None:
+Work = Callable[["Tick", Versioned, "_WriteBack"], None]
+
+
+def _each_due(tick: Tick, *, state: str, fields: tuple[str, ...] | None, work: Work) -> None:
     s = tick.s
-    at = L.now()
+    at = now()
     writer = _WriteBack(tick)
     slots = threading.Semaphore(s.poll_page_size + s.poll_concurrency)  # at most ~one page queued ahead
-    cursor = None
+    cursor: Cursor | None = None
     with ThreadPoolExecutor(max_workers=s.poll_concurrency, thread_name_prefix="poll") as pool:
         while True:
             if tick.time_up():
@@ -183,11 +172,11 @@ def _each_due(tick: Tick, *, state: str, fields, work) -> None:
     writer.flush()
 
 
-def _guarded(work, tick: Tick, item: L.Versioned, writer: "_WriteBack") -> None:
+def _guarded(work: Work, tick: Tick, item: Versioned, writer: "_WriteBack") -> None:
     doc = item.doc
     with tick.context(requestId=item.request_id, operation=doc.get("operation"), logsUrl=doc.get("logsUrl")):
         try:
-            if tick.time_up() or doc["leaseUntil"] - L.now() < timedelta(seconds=2 * tick.s.poll_call_timeout_s):
+            if tick.time_up() or doc["leaseUntil"] - now() < timedelta(seconds=2 * tick.s.poll_call_timeout_s):
                 # Out of time, or it waited in the queue so long (a slow API) that its lease could run out
                 # mid-way: hand it back untouched, due for the next run.
                 writer.add(item, {})
@@ -198,23 +187,23 @@ def _guarded(work, tick: Tick, item: L.Versioned, writer: "_WriteBack") -> None:
             tick.count("errors")
             logs.error(f"handling the request failed: {type(e).__name__}: {e}",
                        traceback=traceback.format_exc(limit=8))
-            writer.add(item, _next_poll(tick, doc, L.now(), backoff=True) if doc.get("state") == L.STARTED else {})
+            writer.add(item, _next_poll(tick, doc, now(), backoff=True) if doc.get("state") == L.STARTED else {})
 
 
-def _resume(tick: Tick, item: L.Versioned, writer: "_WriteBack") -> None:
+def _resume(tick: Tick, item: Versioned, writer: "_WriteBack") -> None:
     tick.count("resumed")
     logs.info("finishing a request whose terminal event was not known to be published", state=item.doc["state"])
     _publish_pending(tick, item)
 
 
-def poll_one(tick: Tick, item: L.Versioned, writer: "_WriteBack") -> None:
+def poll_one(tick: Tick, item: Versioned, writer: "_WriteBack") -> None:
     from handlers.adapters.healthcare import ApiError, TransientError
 
     doc, s = item.doc, tick.s
     name = doc.get("operation")
     if not name:
         logs.error("a STARTED request without an operation in the ledger; skipped")
-        writer.add(item, _next_poll(tick, doc, L.now(), backoff=True))
+        writer.add(item, _next_poll(tick, doc, now(), backoff=True))
         return
     try:
         op = tick.hc.get_operation(name, version=doc.get("apiVersion"), deadline=tick.call_deadline(), max_attempts=1)
@@ -223,7 +212,7 @@ def poll_one(tick: Tick, item: L.Versioned, writer: "_WriteBack") -> None:
             message = (f"operation {name} is no longer known to the Cloud Healthcare API ({e.http_status} {e.status}). "
                        f"{GONE_HINT}")
             return finish(tick, item, L.FAILED, None, {"code": 5, "message": message})
-        t = L.now()
+        t = now()
         tick.count("apiErrors")
         logs.error(f"operations.get was refused: {e}; polling again later", httpStatus=e.http_status,
                    status=e.status)
@@ -234,10 +223,10 @@ def poll_one(tick: Tick, item: L.Versioned, writer: "_WriteBack") -> None:
     except TransientError as e:
         tick.count("transient")
         tick.transient_sample = tick.transient_sample or str(e)
-        writer.add(item, {"lastPolledAt": L.now(), "pollErrors": int(doc.get("pollErrors") or 0) + 1})  # still due
+        writer.add(item, {"lastPolledAt": now(), "pollErrors": int(doc.get("pollErrors") or 0) + 1})  # still due
         return
     tick.count("polled")
-    t = L.now()
+    t = now()
     if op.get("done"):
         error = op.get("error")
         if not error:
@@ -255,7 +244,7 @@ def poll_one(tick: Tick, item: L.Versioned, writer: "_WriteBack") -> None:
     writer.add(item, updates)
 
 
-def _next_poll(tick: Tick, doc: dict, t: datetime, *, backoff: bool) -> dict:
+def _next_poll(tick: Tick, doc: Doc, t: datetime, *, backoff: bool) -> Doc:
     """When to look again: the interval grows x1.4 per poll up to POLL_MAX_INTERVAL_S, plus a little jitter
     (at most 10 %, at most 1 s, as gcloud's waiter) so that requests started together spread out."""
     s = tick.s
@@ -267,7 +256,7 @@ def _next_poll(tick: Tick, doc: dict, t: datetime, *, backoff: bool) -> dict:
             "lastPolledAt": t, "polls": int(doc.get("polls") or 0) + 1}
 
 
-def _age_s(doc: dict, op: dict | None, t: datetime) -> float:
+def _age_s(doc: Doc, op: Doc | None, t: datetime) -> float:
     """How long the export has been running: from the operation's createTime (the API's clock), else from
     what the ledger knows."""
     created = ev.parse_time(((op or {}).get("metadata") or {}).get("createTime")) or ev.parse_time(doc.get("createTime"))
@@ -275,7 +264,7 @@ def _age_s(doc: dict, op: dict | None, t: datetime) -> float:
     return (t - created).total_seconds() if isinstance(created, datetime) else 0.0
 
 
-def _time_out(tick: Tick, item: L.Versioned, op: dict | None, t: datetime) -> None:
+def _time_out(tick: Tick, item: Versioned, op: Doc | None, t: datetime) -> None:
     age = _age_s(item.doc, op, t)
     message = (f"the export ran longer than MAX_OPERATION_AGE_S={tick.s.max_operation_age_s:g} s (running for "
                f"{age:.0f} s); the service asked the Cloud Healthcare API to cancel it")
@@ -285,12 +274,12 @@ def _time_out(tick: Tick, item: L.Versioned, op: dict | None, t: datetime) -> No
 # -- the end of a request: record, (cancel,) publish, record the publication --------------------------------
 # Each write is conditional on the version our claim (or our previous write) produced, so it lands only
 # while the lease is ours: a run whose lease expired (it was too slow) cannot overwrite the one that took over.
-def finish(tick: Tick, item: L.Versioned, state: str, op: dict | None, error: dict | None) -> None:
+def finish(tick: Tick, item: Versioned, state: str, op: Doc | None, error: Doc | None) -> None:
     s = tick.s
     event_type = STATE_EVENT[state]
     meta = (op or {}).get("metadata") or {}
-    t = L.now()
-    updates = {"state": state, "error": error, "lastPolledAt": t, "polls": int(item.doc.get("polls") or 0) + 1,
+    t = now()
+    updates: Doc = {"state": state, "error": error, "lastPolledAt": t, "polls": int(item.doc.get("polls") or 0) + 1,
                # nextPollAt now: if this run dies before publishing, the next run's finish_unpublished
                # takes the request once the lease (renewed here) expires.
                "nextPollAt": t, "leaseUntil": t + timedelta(seconds=s.poll_lease_s)}
@@ -302,18 +291,17 @@ def finish(tick: Tick, item: L.Versioned, state: str, op: dict | None, error: di
     if state == L.TIMED_OUT:
         updates["cancelRequested"] = False
     # The page read every field the event is built from (POLL_FIELDS).
-    built = ev.build(event_type, L.apply_updates(item.doc, updates))
-    updates[f"events.{event_type}"] = {**built, "published": False}
+    _, updates = outbox.record(event_type, L.apply_updates(item.doc, updates), updates)
     version = _write(tick, item, updates, "recording its end")
     if version is None:
         return
     tick.count(state.lower())
-    done = L.Versioned(L.apply_updates(item.doc, updates), version)
+    done = Versioned(L.apply_updates(item.doc, updates), version)
     _log_end(done.doc, event_type)
     _publish_pending(tick, done)
 
 
-def _log_end(doc: dict, event_type: str) -> None:
+def _log_end(doc: Doc, event_type: str) -> None:
     data = doc["events"][event_type]["data"]
     fields = {"requestId": doc["requestId"], "operation": doc.get("operation"), "logsUrl": doc.get("logsUrl"),
               "eventType": event_type, "counter": data.get("counter")}
@@ -329,67 +317,70 @@ def _log_end(doc: dict, event_type: str) -> None:
         logs.error(f"{what}: {error.get('code')}: {error.get('message')}", error=error, **fields)
 
 
-def _publish_pending(tick: Tick, item: L.Versioned) -> None:
+def _publish_pending(tick: Tick, item: Versioned) -> None:
     """Publish, in order, the recorded events not known to be published: an EXPORT_STARTED the intake left
     (so a consumer never sees the end before the start), then the terminal one. The last publication is
     recorded together with dropping the lease and nextPollAt (the request is then off every query)."""
-    from handlers.adapters.events import PublishError
-    from handlers.adapters.healthcare import ApiError, TransientError
-
-    doc, release = item.doc, {"leaseUntil": L.DELETE, "leaseOwner": L.DELETE}
-    if doc.get("state") == L.TIMED_OUT and not doc.get("cancelRequested"):
-        try:
-            tick.hc.cancel_operation(doc["operation"], version=doc.get("apiVersion"), deadline=tick.call_deadline(),
-                                     max_attempts=1)
-            updates = {"cancelRequested": True, "cancelRequestedAt": L.now()}
-        except ApiError as e:  # final (e.g. 404: gone; already done): nothing more to cancel
-            logs.warning(f"operations.cancel was refused: {e}", httpStatus=e.http_status)
-            updates = {"cancelRequested": True, "cancelError": e.rpc()}
-        except TransientError as e:
-            logs.warning(f"operations.cancel failed transiently ({e}); the next run tries again")
-            _write(tick, item, release, "releasing it")  # nextPollAt stays: due for the next run
+    if item.doc.get("state") == L.TIMED_OUT and not item.doc.get("cancelRequested"):
+        cancelled = _cancel(tick, item)
+        if cancelled is None:
             return
-        item = L.Versioned(L.apply_updates(doc, updates), _write(tick, item, updates, "recording the cancel"))
-        if item.version is None:
-            return
-        doc = item.doc
-
+        item = cancelled
+    doc = item.doc
     recorded = doc.get("events") or {}
-    pending = [t for t in (ev.STARTED, STATE_EVENT.get(doc.get("state"))) if t and t in recorded
-               and not recorded[t].get("published")]
+    pending = outbox.unpublished(doc, (ev.STARTED, STATE_EVENT.get(doc.get("state") or "")))
     if not pending:
-        _write(tick, item, {**release, "nextPollAt": L.DELETE}, "releasing it")
+        _write(tick, item, {**RELEASE, "nextPollAt": DELETE}, "releasing it")
         return
     if any("data" not in recorded[t] for t in pending):  # the page read only events.EXPORT_STARTED.published
         recorded = {**recorded, **((tick.ledger.get(item.request_id) or {}).get("events") or {})}
-    for i, event_type in enumerate(pending):
-        event = recorded[event_type]
-        try:
-            message_id = tick.events.publish(event["data"], event["attributes"])
-        except PublishError as e:
-            tick.count("publishErrors")
-            logs.warning(f"could not publish {event_type}; the next run publishes it again", problem=str(e),
-                         eventType=event_type)
-            _write(tick, item, release, "releasing it")  # nextPollAt stays: due for the next run
-            return
+
+    def failed(item: Versioned, event_type: str, e: PublishError) -> None:
+        tick.count("publishErrors")
+        logs.warning(f"could not publish {event_type}; the next run publishes it again", problem=str(e),
+                     eventType=event_type)
+        _write(tick, item, RELEASE, "releasing it")  # nextPollAt stays: due for the next run
+
+    def published(item: Versioned, event_type: str, event: Doc, message_id: str, last: bool) -> Versioned | None:
         tick.count("published")
         logs.info(f"published {event_type}", eventType=event_type, eventId=event["eventId"], messageId=message_id)
-        updates = {f"events.{event_type}.published": True, f"events.{event_type}.publishedAt": L.now(),
-                   f"events.{event_type}.messageId": message_id}
-        last = i == len(pending) - 1
+        updates = outbox.publication(event_type, message_id, now())
         if last:
-            updates.update(release, nextPollAt=L.DELETE)
+            updates.update(RELEASE, nextPollAt=DELETE)
         version = _write(tick, item, updates, "recording the publication (the next run may publish the event "
                                               "again, with the same eventId)")
-        if version is None:
-            return
-        item = L.Versioned(item.doc, version)
+        return None if version is None else Versioned(item.doc, version)
+
+    outbox.drain(item, pending, recorded, publish=tick.events.publish, published=published, failed=failed)
 
 
-def _write(tick: Tick, item: L.Versioned, updates: dict, doing: str):
+RELEASE: Doc = {"leaseUntil": DELETE, "leaseOwner": DELETE}
+
+
+def _cancel(tick: Tick, item: Versioned) -> Versioned | None:
+    """Ask the API to cancel a TIMED_OUT export, and record that it was asked (None: not recorded)."""
+    from handlers.adapters.healthcare import ApiError, TransientError
+
+    doc = item.doc
+    try:
+        tick.hc.cancel_operation(doc["operation"], version=doc.get("apiVersion"), deadline=tick.call_deadline(),
+                                 max_attempts=1)
+        updates: Doc = {"cancelRequested": True, "cancelRequestedAt": now()}
+    except ApiError as e:  # final (e.g. 404: gone; already done): nothing more to cancel
+        logs.warning(f"operations.cancel was refused: {e}", httpStatus=e.http_status)
+        updates = {"cancelRequested": True, "cancelError": e.rpc()}
+    except TransientError as e:
+        logs.warning(f"operations.cancel failed transiently ({e}); the next run tries again")
+        _write(tick, item, RELEASE, "releasing it")  # nextPollAt stays: due for the next run
+        return None
+    new = Versioned(L.apply_updates(doc, updates), _write(tick, item, updates, "recording the cancel"))
+    return new if new.version is not None else None
+
+
+def _write(tick: Tick, item: Versioned, updates: Doc, doing: str) -> str | None:
     """Write `updates` if the document is still at item.version (our lease); the new version, or None."""
     version = tick.ledger.write_if_unchanged([(item.request_id, item.version,
-                                               {**updates, "updatedAt": L.now()})])[item.request_id]
+                                               {**updates, "updatedAt": now()})])[item.request_id]
     if version is None:
         tick.count("lostLease")
         logs.warning(f"lost the request's lease before {doing}; another run handles it")
@@ -403,10 +394,10 @@ class _WriteBack:
     def __init__(self, tick: Tick, size: int = 100):
         self.tick = tick
         self.size = size
-        self.items: list = []
+        self.items: list[tuple[str, str | None, Doc]] = []
         self.lock = threading.Lock()
 
-    def add(self, item: L.Versioned, updates: dict) -> None:
+    def add(self, item: Versioned, updates: Doc) -> None:
         with self.lock:
             self.items.append((item.request_id, item.version, updates))
             batch = self._take() if len(self.items) >= self.size else None
@@ -419,11 +410,11 @@ class _WriteBack:
         if batch:
             self._write(batch)
 
-    def _take(self):
+    def _take(self) -> list[tuple[str, str | None, Doc]]:
         batch, self.items = self.items, []
         return batch
 
-    def _write(self, batch) -> None:
+    def _write(self, batch: list[tuple[str, str | None, Doc]]) -> None:
         try:
             result = self.tick.ledger.release_many(batch)
         except Exception as e:  # noqa: BLE001 - their leases expire and the next run polls them
@@ -437,8 +428,8 @@ class _WriteBack:
 
 
 def close_aged_ingest_batches(tick: Tick) -> None:
-    """Issue 7: close ingest batches that aged out with no new arrivals, release tables whose export ended
-    (after poll_started recorded it) and start the next batch (handlers/ingest.py). No-op without INGEST_ROUTES."""
+    """Close ingest batches that aged out with no new arrivals, release tables whose export ended (after
+    poll_started recorded it) and start the next batch (handlers/ingest.py). No-op without INGEST_ROUTES."""
     from handlers import ingest
 
     for key, n in ingest.close_aged_batches(tick.s, time_up=tick.time_up).items():

@@ -27,38 +27,20 @@ import config
 from handlers.adapters import logs
 from handlers.core import changes as C
 from handlers.core import reconcile as R
-from handlers.lazy import once
 
 QIDO_PAGE = 1000  # studies per QIDO-RS page
 
 
-@once
-def dependencies() -> tuple[Any, ...]:
-    """(reconcile state, ingest ledger, DICOMweb, BigQuery, events publisher) of this instance."""
-    from handlers.adapters import google_http as gh
-    from handlers.adapters.bigquery import BigQuery
-    from handlers.adapters.dicomweb import DicomWeb
-    from handlers.adapters.events import Events
-    from handlers.adapters.ledger import firestore_client
-    from handlers.adapters.reconcile_state import ReconcileState
-
-    s = config.get()
-    project = config.project_id(s)
-    state = ReconcileState(s.ledger_collection, project, client=firestore_client(project))
-    hc_tokens = gh.cloud_tokens() if not s.healthcare_is_local or s.credentials_file or s.on_google_cloud else None
-    bq_tokens = gh.cloud_tokens() if not s.bigquery_is_local or s.credentials_file or s.on_google_cloud else None
-    return (state, state, DicomWeb(s.healthcare_endpoint, s.healthcare_version, tokens=hc_tokens),
-            BigQuery(s.bigquery_endpoint, project, tokens=bq_tokens), Events(project, s.events_topic))
-
-
 def handle(cloud_event: Any) -> list[dict[str, Any]]:
     """One tick: every route, one after the other. Never raises: the next tick tries again."""
-    s = config.get()
+    from handlers import wiring
+
+    s = wiring.settings()
     if not s.ingest_routes:
         logs.warning("reconcile_tables: INGEST_ROUTES is empty, nothing to reconcile")
         return []
     try:
-        deps = dependencies()
+        deps = wiring.reconcile()
     except Exception as e:  # noqa: BLE001 - e.g. no project: logged, and the tick is acknowledged
         logs.error(f"reconcile_tables cannot start: {type(e).__name__}: {e}")
         return []
@@ -84,7 +66,7 @@ class Reconcile:
 
     def route(self, store: str, table_uri: str) -> R.Report | None:
         """Reconcile one route; its report, or None when the table was refused."""
-        from handlers.ingest import Route
+        from handlers.core.batches import Route
 
         route = Route(store, table_uri)
         if not self.table_ok(route):
@@ -185,7 +167,7 @@ class Reconcile:
     def heal(self, route: Any, d: R.Diff, observed: datetime) -> int:
         """Record each heal as a change of the route, dated when the run began observing (so any real change
         after that is applied after it). Returns how many were recorded (or already were)."""
-        from handlers.ingest import arrival_id
+        from handlers.core.batches import arrival_id
 
         healed = 0
         for path, deleted in R.heals(d):
@@ -216,7 +198,7 @@ class Reconcile:
             self.publish(route, recorded)
 
     def publish(self, route: Any, event: dict[str, Any]) -> None:
-        from handlers.adapters.events import PublishError
+        from handlers.core.errors import PublishError
 
         try:
             message_id = self.events.publish(event["data"], event["attributes"])

@@ -1,4 +1,4 @@
-"""export_status: `GET ?requestId=ID` -> the request's ledger record as JSON (README.md, "The poller").
+"""export_status: `GET ?requestId=ID` -> the request's ledger record as JSON (docs/contract.md, "Status lookup").
 
 200 with the record; 400 when requestId is missing, repeated or malformed (the contract's pattern);
 404 when no request has that id; 405 for other methods; 503 when the ledger cannot be read. Errors use
@@ -8,25 +8,22 @@ lease, hash or raw event bodies. The function is deployed without public access 
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import datetime
+from typing import Any
 
-import config
-from handlers.adapters import ledger as L
+from handlers import wiring
 from handlers.adapters import logs
-from handlers.event import counter_ints
-from handlers.lazy import once
-from handlers.request import REQUEST_ID_RE
+from handlers.core import ledger as L
+from handlers.core.clock import rfc3339
+from handlers.core.events import counter_ints
+from handlers.core.request import REQUEST_ID_RE
 
 HEADERS = {"Content-Type": "application/json; charset=utf-8", "Cache-Control": "no-store",
            "X-Content-Type-Options": "nosniff"}
-
-@once
-def ledger() -> L.Ledger:
-    s = config.get()
-    return L.Ledger(s.ledger_collection, s.project)
+Response = tuple[str, int, dict[str, str]]
 
 
-def handle(request):
+def handle(request: Any) -> Response:
     """A Flask request -> (body, status, headers)."""
     if request.method not in ("GET", "HEAD"):
         return _error(405, "METHOD_NOT_ALLOWED", "use GET ?requestId=ID", {"Allow": "GET, HEAD"})
@@ -38,7 +35,7 @@ def handle(request):
         return _error(400, "INVALID_ARGUMENT", "malformed requestId: it must match [A-Za-z0-9._:-]{1,128}")
     with logs.context(requestId=rid):
         try:
-            doc = ledger().get(rid)
+            doc = wiring.ledger().get(rid)
         except Exception as e:  # noqa: BLE001 - Firestore unavailable: the caller may retry
             logs.error(f"status lookup failed: {type(e).__name__}: {e}")
             return _error(503, "UNAVAILABLE", "the ledger cannot be read right now; retry later", {"Retry-After": "5"})
@@ -47,11 +44,11 @@ def handle(request):
     return json.dumps(view(doc), ensure_ascii=False, sort_keys=True), 200, HEADERS
 
 
-def view(doc: dict) -> dict:
+def view(doc: L.Doc) -> L.Doc:
     """The public record of a ledger document (JSON-ready)."""
     request = doc.get("request") or {}
     dest = request.get("bigqueryDestination") or ({"tableUri": doc["tableUri"]} if doc.get("tableUri") else None)
-    events = {}
+    events: L.Doc = {}
     for event_type, e in sorted((doc.get("events") or {}).items()):
         if isinstance(e, dict):
             events[event_type] = {"eventId": e.get("eventId"), "published": bool(e.get("published")),
@@ -80,13 +77,11 @@ def view(doc: dict) -> dict:
     return out
 
 
-def _time(value):
+def _time(value: Any) -> Any:
     """Firestore timestamps as RFC 3339 UTC strings; the API's own strings unchanged."""
-    if isinstance(value, datetime):
-        return value.astimezone(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
-    return value
+    return rfc3339(value) if isinstance(value, datetime) else value
 
 
-def _error(code: int, status: str, message: str, extra: dict | None = None):
+def _error(code: int, status: str, message: str, extra: dict[str, str] | None = None) -> Response:
     body = json.dumps({"error": {"code": code, "status": status, "message": message}})
     return body, code, {**HEADERS, **(extra or {})}

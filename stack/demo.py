@@ -40,7 +40,7 @@ def bigquery_client(hc_url: str):
 
 def stow_corpus(hc_url: str, store: str) -> tuple[int, int]:
     """Store pydicom's bundled test corpus through STOW-RS, 40 files a request."""
-    from tests.support.dicom_files import storable
+    from stack.dicom_files import storable
     files = list(storable())
     stored = failed = 0
     for i in range(0, len(files), 40):

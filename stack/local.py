@@ -14,8 +14,15 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stack.services import ROOT, Service, firestore_emulator, free_port, gcs_emulator, healthcare_emulator, \
-    pubsub_emulator
+from stack.services import (
+    ROOT,
+    Service,
+    firestore_emulator,
+    free_port,
+    gcs_emulator,
+    healthcare_emulator,
+    pubsub_emulator,
+)
 
 PROJECT = "demo-project"
 LOCATION = "us-central1"

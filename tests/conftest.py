@@ -5,7 +5,6 @@ process group at the end (gcloud's emulators leave a Java child otherwise).
 """
 from __future__ import annotations
 
-import os
 import shutil
 
 import pytest

@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import google_http as transport
+from . import transport
 
 WAIT_MS = 10_000  # how long one jobs.query / getQueryResults call waits for the job to finish
 PAGE_ROWS = 10_000

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from . import google_http as transport
+from . import transport
 
 STUDY, SERIES, SOP = "0020000D", "0020000E", "00080018"
 N_STUDY_INSTANCES, N_SERIES_INSTANCES = "00201208", "00201209"

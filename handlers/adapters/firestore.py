@@ -1,6 +1,6 @@
 """Firestore over its REST API (v1): the few calls the ledgers need, and nothing else.
 
-    fs = Firestore(project)                      # FIRESTORE_EMULATOR_HOST / FIRESTORE_DATABASE from config
+    fs = Firestore(project, tokens=...)          # handlers/wiring.py builds it from the settings
     doc = fs.get("dicomExports", "r-1")          # Doc(id, data, version) or None
     fs.commit([fs.create("c", "id", data), fs.update("c", "id2", {"a.b": 1, "x": DELETE}, version=doc.version)])
 
@@ -11,29 +11,32 @@ transactions: an abandoned transaction holds its locks until they expire, a fail
 holds nothing). Update keys are field paths ("events.EXPORT_STARTED.published"); DELETE removes one.
 
 Errors: Conflict when a precondition fails (the document exists, is missing, or changed since it was
-read); google_http.HttpError for other refusals; google_http.Unavailable when Firestore stayed
+read); transport.HttpError for other refusals; transport.Unavailable when Firestore stayed
 unavailable for `timeout_s`. Every call here is safe to retry: writes carry preconditions, so a write
 whose answer was lost surfaces as a Conflict, never as a second write.
+
+`cas` is the one compare-and-set engine of the ledgers (read, decide, write conditioned on what was
+read; on a lost race start over), used for one document (ledger_store.py) and a few at once (batch_store.py).
 """
 from __future__ import annotations
 
 import base64
+import random
 import re
 import time
 from datetime import datetime, timezone
-from typing import NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple, TypeVar
 
-import config
+from handlers.core.errors import ContentionError
+from handlers.core.ledger import DELETE
 
-from . import google_http as gh
+from . import transport as gh
 
+Obj = dict[str, Any]
 
-class _Delete:
-    def __repr__(self):
-        return "DELETE"
-
-
-DELETE = _Delete()  # as an update's value: remove the field
+T = TypeVar("T")
+AGAIN: Any = object()  # returned by a cas step: the race was lost, start over
+RETRY = gh.Retry(rpc_statuses=frozenset({"ABORTED", "UNAVAILABLE"}))
 _SIMPLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _CONFLICT = frozenset({"ALREADY_EXISTS", "FAILED_PRECONDITION", "NOT_FOUND"})
 _CONFLICT_CODES = frozenset({5, 6, 9})  # google.rpc codes of the same, in batchWrite's per-write status
@@ -47,20 +50,18 @@ class Conflict(Exception):
 
 class Doc(NamedTuple):
     id: str
-    data: dict
-    version: str  # updateTime
+    data: Obj
+    version: str | None  # updateTime
 
 
 class Firestore:
-    def __init__(self, project: str, *, database: str | None = None, emulator_host: str | None = None,
-                 timeout_s: float = 30.0):
-        s = config.get()
-        database = database or s.firestore_database
-        emulator_host = emulator_host if emulator_host is not None else s.firestore_emulator_host
+    def __init__(self, project: str, *, database: str = "(default)", emulator_host: str | None = None,
+                 tokens: gh.Tokens | None = None, timeout_s: float = 30.0):
+        self.project = project
         self.root = f"projects/{project}/databases/{database}/documents"
         self.base = f"http://{emulator_host}/v1/" if emulator_host else "https://firestore.googleapis.com/v1/"
         # The emulator's documented admin token: it admits batchWrite and bypasses security rules.
-        self.tokens = gh.Static("owner") if emulator_host else gh.cloud_tokens()
+        self.tokens = gh.Static("owner") if emulator_host else (tokens or gh.Tokens())
         self.timeout_s = timeout_s
 
     # -- names -------------------------------------------------------------------------------------------
@@ -68,19 +69,19 @@ class Firestore:
         return f"{self.root}/{collection}/{doc_id}"
 
     # -- writes (built here, sent by commit / batch_write) -----------------------------------------------
-    def create(self, collection: str, doc_id: str, data: dict) -> dict:
+    def create(self, collection: str, doc_id: str, data: Obj) -> Obj:
         """Create the document; Conflict if it exists."""
         return {"update": {"name": self.name(collection, doc_id), "fields": _fields(data)},
                 "currentDocument": {"exists": False}}
 
-    def put(self, collection: str, doc_id: str, data: dict) -> dict:
+    def put(self, collection: str, doc_id: str, data: Obj) -> Obj:
         """Create or replace the whole document, unconditionally (seeding and tools)."""
         return {"update": {"name": self.name(collection, doc_id), "fields": _fields(data)}}
 
-    def update(self, collection: str, doc_id: str, updates: dict, *, version: str | None = None) -> dict:
+    def update(self, collection: str, doc_id: str, updates: Obj, *, version: str | None = None) -> Obj:
         """Set (or DELETE) the given field paths; only if the document is at `version`, or, without one,
         only if it exists (Conflict otherwise)."""
-        root: dict = {}
+        root: Obj = {}
         for path, value in updates.items():
             *parents, leaf = path.split(".")
             node = root
@@ -95,7 +96,7 @@ class Firestore:
                 "currentDocument": {"updateTime": version} if version else {"exists": True}}
 
     # -- calls -------------------------------------------------------------------------------------------
-    def commit(self, writes: list[dict]) -> list[str]:
+    def commit(self, writes: list[Obj]) -> list[str]:
         """All writes atomically; their new versions. Conflict if any precondition fails (then none is applied)."""
         try:
             body = self._post(":commit", {"writes": writes}).json()
@@ -105,7 +106,7 @@ class Firestore:
             raise
         return [w.get("updateTime") or body.get("commitTime") for w in body.get("writeResults", [])]
 
-    def batch_write(self, writes: list[dict]) -> list[str | None]:
+    def batch_write(self, writes: list[Obj]) -> list[str | None]:
         """Each write alone (not atomic, up to 500): per write its new version, or None when its precondition
         failed. Other per-write failures raise HttpError."""
         body = self._post(":batchWrite", {"writes": writes}).json()
@@ -135,7 +136,7 @@ class Firestore:
                 found[item["found"]["name"]] = _doc(item["found"])
         return [found.get(n) for n in names]
 
-    def query(self, collection: str, *, where: list[tuple[str, str, object]] = (), order_by: list[str] = (),
+    def query(self, collection: str, *, where: Iterable[tuple[str, str, object]] = (), order_by: Iterable[str] = (),
               select: list[str] | None = None, limit: int | None = None, start_after: Doc | None = None) -> list[Doc]:
         """Documents of `collection` matching every (field, op, value), ascending by `order_by` then by
         document id. `start_after` (a Doc of the previous page) continues after it; `select` projects."""
@@ -154,7 +155,7 @@ class Firestore:
         return [_doc(item["document"]) for item in self._post(":runQuery", {"structuredQuery": q}).json()
                 if "document" in item]
 
-    def count(self, collection: str, *, where: list[tuple[str, str, object]] = (), up_to: int | None = None) -> int:
+    def count(self, collection: str, *, where: Iterable[tuple[str, str, object]] = (), up_to: int | None = None) -> int:
         q = self._structured(collection, where)
         if up_to:
             q["limit"] = int(up_to)
@@ -166,9 +167,43 @@ class Firestore:
                 return int(_decode(fields["n"]))
         return 0
 
+    # -- compare-and-set ---------------------------------------------------------------------------------
+    def cas(self, step: Callable[[int], T], *, attempts: int, pause_s: float, max_pause_s: float, what: str) -> T:
+        """Run `step(attempt)` until it returns something other than AGAIN (a lost race), pausing a jittered,
+        growing time in between; ContentionError after `attempts` lost races. No lock is ever held, so a
+        process that dies mid-way blocks nobody (an abandoned Firestore transaction keeps its locks until
+        they expire)."""
+        for attempt in range(attempts):
+            result = step(attempt)
+            if result is not AGAIN:
+                return result
+            time.sleep(random.uniform(0, min(max_pause_s, pause_s * 2 ** attempt)))
+        raise ContentionError(f"{what}: still changing after {attempts} attempts")
+
+    def cas_many(self, refs: list[tuple[str, str]], decide: Callable[..., Any], *, attempts: int = 30) -> bool:
+        """Optimistic read-decide-write over a few documents, without a transaction: read them, let
+        `decide(*docs)` return [(ref, "create" | "update", data), ...] (or None: nothing to do, False),
+        and commit those writes as one atomic batch, each update conditioned on the document's
+        version as read and each create on its absence. If any changed meanwhile, nothing is
+        written and it starts over."""
+        def step(_attempt: int) -> Any:
+            read = dict(zip(refs, self.get_all(refs)))
+            ops = decide(*[d.data if d is not None else None for d in read.values()])
+            if not ops:
+                return False
+            writes = [self.create(ref[0], ref[1], data) if kind == "create" else
+                      self.update(ref[0], ref[1], data, version=_version(read[ref]))
+                      for ref, kind, data in ops]
+            try:
+                self.commit(writes)
+                return True
+            except Conflict:
+                return AGAIN
+        return bool(self.cas(step, attempts=attempts, pause_s=0.01, max_pause_s=0.5, what=str(refs)))
+
     # -- plumbing ----------------------------------------------------------------------------------------
-    def _structured(self, collection: str, where) -> dict:
-        q: dict = {"from": [{"collectionId": collection}]}
+    def _structured(self, collection: str, where: Iterable[tuple[str, str, object]]) -> Obj:
+        q: Obj = {"from": [{"collectionId": collection}]}
         filters = [{"fieldFilter": {"field": {"fieldPath": _field_path(f)}, "op": OPS[op], "value": _value(v)}}
                    for f, op, v in where]
         if len(filters) == 1:
@@ -177,10 +212,10 @@ class Firestore:
             q["where"] = {"compositeFilter": {"op": "AND", "filters": filters}}
         return q
 
-    def _post(self, method: str, body: dict):
+    def _post(self, method: str, body: Obj) -> Any:
         return gh.call("POST", f"{self.base}{self.root}{method}", tokens=self.tokens, json=body,
                        deadline=time.monotonic() + self.timeout_s, timeout_s=self.timeout_s,
-                       what=f"Firestore {method.lstrip(':')}", retry_statuses=frozenset({"ABORTED", "UNAVAILABLE"}))
+                       what=f"Firestore {method.lstrip(':')}", retry=RETRY)
 
 
 # -- values ----------------------------------------------------------------------------------------------
@@ -191,17 +226,21 @@ def _field_path(path: str) -> str:
                     for p in path.split("."))
 
 
-def _get_path(data: dict, path: str):
+def _version(doc: Doc | None) -> str | None:
+    return doc.version if doc is not None else None
+
+
+def _get_path(data: Any, path: str) -> Any:
     for p in path.split("."):
         data = (data or {}).get(p)
     return data
 
 
-def _fields(data: dict) -> dict:
+def _fields(data: Obj) -> Obj:
     return {k: _value(v) for k, v in data.items()}
 
 
-def _value(v) -> dict:
+def _value(v: Any) -> Obj:
     if v is None:
         return {"nullValue": None}
     if isinstance(v, bool):
@@ -226,7 +265,7 @@ def _value(v) -> dict:
     raise TypeError(f"cannot store a {type(v).__name__} in Firestore")
 
 
-def _decode(v: dict):
+def _decode(v: Obj) -> Any:
     (kind, x), = v.items()
     if kind == "stringValue":
         return x
@@ -256,6 +295,6 @@ def _timestamp(text: str) -> datetime:
     return t.replace(microsecond=int((frac + "000000")[:6]) if frac else 0, tzinfo=timezone.utc)
 
 
-def _doc(raw: dict) -> Doc:
+def _doc(raw: Obj) -> Doc:
     return Doc(raw["name"].rsplit("/", 1)[1], {k: _decode(v) for k, v in (raw.get("fields") or {}).items()},
                raw.get("updateTime"))

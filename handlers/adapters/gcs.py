@@ -1,7 +1,7 @@
-"""Cloud Storage adapter: write batch filter files (healthcare-api.md §E) for the ingest function.
+"""Cloud Storage adapter: write batch filter files (one instance path a line) for the ingest function.
 
-Over the JSON API (a multipart upload) through the shared transport (google_http); STORAGE_EMULATOR_HOST
-(config) sends it to a local emulator instead.
+Over the JSON API (a multipart upload) through the shared transport (transport.py); with `emulator_host`
+(STORAGE_EMULATOR_HOST, passed by handlers/wiring.py) it goes to a local emulator instead.
 
 Writes are create-only (`ifGenerationMatch=0`): the runtime account needs only
 roles/storage.objectCreator on the bucket, and an object is never replaced. The caller names each
@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 from urllib.parse import quote
 
-import config
-
-from . import google_http as gh
+from . import transport as gh
 
 BOUNDARY = "dicom-export-filter-file"
 
@@ -28,14 +27,14 @@ class StorageError(Exception):
 
 class FilterFiles:
     def __init__(self, bucket: str, project: str | None = None, *, timeout_s: float = 30.0,
-                 emulator_host: str | None = None):
+                 emulator_host: str | None = None, tokens: gh.Tokens | None = None):
         self.bucket = bucket
         self.project = project
         self.timeout_s = timeout_s
-        host = emulator_host if emulator_host is not None else config.get().storage_emulator_host
+        host = emulator_host
         self.local = bool(host)
         self.base = f"http://{host}" if host else "https://storage.googleapis.com"
-        self.tokens = gh.Tokens() if host else gh.cloud_tokens()
+        self.tokens = gh.Tokens() if host else (tokens or gh.Tokens())
         self._bucket_checked = False
 
     def uri(self, name: str) -> str:
@@ -67,9 +66,9 @@ class FilterFiles:
         """The object's text (tests and operators; the function itself never reads)."""
         r = self._call("GET", f"{self.base}/storage/v1/b/{quote(self.bucket, safe='')}/o/{quote(name, safe='')}",
                        params={"alt": "media"})
-        return r.content.decode("utf-8")
+        return str(r.content.decode("utf-8"))
 
-    def _call(self, method: str, url: str, **kw):
+    def _call(self, method: str, url: str, **kw: Any) -> Any:
         return gh.call(method, url, tokens=self.tokens, deadline=time.monotonic() + self.timeout_s,
                        timeout_s=self.timeout_s, what=f"Cloud Storage {method}", **kw)
 

@@ -17,8 +17,13 @@ import re
 import sys
 import threading
 from datetime import datetime, timezone
+from types import MappingProxyType
+from typing import Any, Iterator, Mapping
 
-_labels: contextvars.ContextVar[dict] = contextvars.ContextVar("log_labels", default={})
+Obj = dict[str, Any]
+
+_labels: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar("log_labels",
+                                                                          default=MappingProxyType({}))
 _trace: contextvars.ContextVar[tuple[str | None, str | None]] = contextvars.ContextVar("log_trace",
                                                                                       default=(None, None))
 _lock = threading.Lock()
@@ -31,7 +36,7 @@ def scrub(text: str) -> str:
 
 
 @contextlib.contextmanager
-def context(trace: str | None = None, span: str | None = None, **labels):
+def context(trace: str | None = None, span: str | None = None, **labels: Any) -> Iterator[None]:
     """Bind labels (and a trace) to every entry logged inside the block, in this thread/context."""
     tok = _labels.set({**_labels.get(), **{k: str(v) for k, v in labels.items() if v is not None}})
     ttok = _trace.set((trace, span)) if trace else None
@@ -43,12 +48,12 @@ def context(trace: str | None = None, span: str | None = None, **labels):
             _trace.reset(ttok)
 
 
-def bind(**labels) -> None:
+def bind(**labels: Any) -> None:
     """Add labels to the current context (e.g. the operation once it is known)."""
     _labels.set({**_labels.get(), **{k: str(v) for k, v in labels.items() if v is not None}})
 
 
-def trace_from(cloud_event, project: str | None) -> tuple[str | None, str | None]:
+def trace_from(cloud_event: Any, project: str | None) -> tuple[str | None, str | None]:
     """The W3C traceparent carried by the event (or its HTTP request), as Cloud Logging's trace/spanId."""
     header = None
     try:
@@ -74,10 +79,10 @@ def trace_from(cloud_event, project: str | None) -> tuple[str | None, str | None
     return f"projects/{project}/traces/{m.group(1)}", m.group(2)
 
 
-def entry(severity: str, message: str, **fields) -> dict:
+def entry(severity: str, message: str, **fields: Any) -> Obj:
     if severity not in SEVERITIES:
         severity = "DEFAULT"
-    out = {"severity": severity, "message": scrub(str(message)),
+    out: Obj = {"severity": severity, "message": scrub(str(message)),
            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")}
     labels = {**_labels.get(), **{k: str(v) for k, v in fields.pop("labels", {}).items() if v is not None}}
     if labels:
@@ -93,7 +98,7 @@ def entry(severity: str, message: str, **fields) -> dict:
     return out
 
 
-def log(severity: str, message: str, **fields) -> None:
+def log(severity: str, message: str, **fields: Any) -> None:
     # ASCII only: a raw U+0085, U+2028 or U+2029 (from a hostile request's field name, say) would end the
     # line for readers that split on Unicode line boundaries; Cloud Logging decodes the escapes.
     line = json.dumps(entry(severity, message, **fields), default=str, ensure_ascii=True)
@@ -103,21 +108,21 @@ def log(severity: str, message: str, **fields) -> None:
         sys.stdout.flush()
 
 
-def debug(message: str, **fields) -> None:
+def debug(message: str, **fields: Any) -> None:
     log("DEBUG", message, **fields)
 
 
-def info(message: str, **fields) -> None:
+def info(message: str, **fields: Any) -> None:
     log("INFO", message, **fields)
 
 
-def warning(message: str, **fields) -> None:
+def warning(message: str, **fields: Any) -> None:
     log("WARNING", message, **fields)
 
 
-def error(message: str, **fields) -> None:
+def error(message: str, **fields: Any) -> None:
     log("ERROR", message, **fields)
 
 
-def critical(message: str, **fields) -> None:
+def critical(message: str, **fields: Any) -> None:
     log("CRITICAL", message, **fields)

@@ -6,7 +6,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from .ingest_ledger import IngestLedger, now
+from handlers.core.clock import now
+
+from .batch_store import IngestLedger
 
 
 class ReconcileState(IngestLedger):
@@ -31,7 +33,7 @@ class ReconcileState(IngestLedger):
                     "TABLE_RECONCILED", {}).get("eventId") != if_event:
                 return None
             return [(ref, "update", updates)] if doc is not None else [(ref, "create", _nested(updates))]
-        return self._cas([ref], decide)
+        return self.client().cas_many([ref], decide)
 
 
 def _nested(updates: dict[str, Any]) -> dict[str, Any]:

@@ -24,6 +24,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Iterable
 
+from .batches import OTHER as OTHER_STATE
+from .batches import PENDING
+
 UID = r"[0-9]{1,64}(?:\.[0-9]{1,64}){0,63}"
 RESOURCE_RE = re.compile(
     r"^(projects/[^/\s]+/locations/[^/\s]+/datasets/[^/\s]+/dicomStores/[^/\s]+)"
@@ -31,7 +34,6 @@ RESOURCE_RE = re.compile(
 STORE_ACTIONS = frozenset({"StoreInstances", "ImportDicomData"})
 DELETE_ACTIONS = frozenset({"DeleteInstance", "DeleteSeries", "DeleteStudy"})
 ARRIVAL, DELETION, OTHER = "arrival", "deletion", "other"  # kinds of change
-PENDING, OTHER_STATE = "PENDING", "OTHER"  # arrival states (handlers/adapters/ingest_ledger.py)
 MAX_UID_CHARS = 64
 
 

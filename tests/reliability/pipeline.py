@@ -6,11 +6,11 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 
-from handlers import event as ev
-from tests.service.conftest import Function, valid_request
-from tests.service.test_poller_support import PollerProcess, bq_mk
+from handlers.core import events as ev
 from tests.support import dicom_files, procs
+from tests.support.function import Function, valid_request
 from tests.support.hcapi import HC, unique
+from tests.support.poller import PollerProcess, bq_mk
 
 
 class Pipeline:
@@ -61,7 +61,7 @@ class Pipeline:
         return time.monotonic() - t0
 
     def counts(self, store: str) -> dict:
-        from tests.reliability.conftest import counts
+        from tests.support.reliability import counts
         return counts(self.hc.url).get(store, {})
 
     def stop(self) -> None:

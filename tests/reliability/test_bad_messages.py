@@ -15,9 +15,9 @@ from collections import Counter
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
-from handlers import request as req
-from tests.reliability.conftest import SIZES, report, total
-from tests.service.conftest import PROJECT
+from handlers.core import request as req
+from tests.support.function import PROJECT
+from tests.support.reliability import SIZES, report, total
 
 STORE = f"projects/{PROJECT}/locations/us-central1/datasets/ds/dicomStores/st"
 TABLE = f"bq://{PROJECT}.exports.t1"
@@ -110,7 +110,7 @@ def invalid_uris(draw):
     if draw(st.booleans()):
         body["bigqueryDestination"]["tableUri"] = draw(st.sampled_from([
             junk, f"bq://{junk}", f"bq://{PROJECT}..t", f"bq://{PROJECT}.exports", f"gs://{PROJECT}.exports.t",
-            f"bq://{PROJECT}.exports.t/../x", f"bq://UPPER_PROJECT!.exports.t", "bq://" + "p" * 40 + ".d.t",
+            f"bq://{PROJECT}.exports.t/../x", "bq://UPPER_PROJECT!.exports.t", "bq://" + "p" * 40 + ".d.t",
             f"bq://{PROJECT}.ex-ports.t", f"BQ://{PROJECT}.exports.t"]).filter(lambda u: not _valid_table(u)))
     else:
         body["filterConfig"] = {"resourcePathsGcsUri": draw(st.sampled_from([

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pydicom
 
-from tests.reliability.conftest import SIZES, report
 from tests.support import dicom_files, procs
 from tests.support.hcapi import HC, unique
+from tests.support.reliability import SIZES, report
 
 P = "projects/test-project/locations/us-central1"
 

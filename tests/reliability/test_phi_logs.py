@@ -8,10 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.reliability.conftest import SIZES, report
 from tests.reliability.pipeline import Pipeline
 from tests.support import dicom_files, procs
 from tests.support.hcapi import unique
+from tests.support.reliability import SIZES, report
 
 TOKEN = "ya29.a0-reliability-token-" + "q" * 28
 PHI = {"PatientName": "Zyxwvut^Qwerty", "PatientID": "PID-93817", "PatientBirthDate": "19710203"}

@@ -9,10 +9,10 @@ from collections import Counter
 
 import pytest
 
-from handlers import event as ev
-from tests.reliability.conftest import SIZES, report, total
+from handlers.core import events as ev
 from tests.reliability.pipeline import Pipeline
 from tests.support.hcapi import unique
+from tests.support.reliability import SIZES, report, total
 
 
 @pytest.fixture
@@ -164,7 +164,7 @@ def test_killed_intake_or_poller_loses_nothing(pipeline):
 def test_allowlists_reject_everything_outside_them(pipeline, hcapi):
     """Item 5: stores and datasets outside ALLOWED_DICOM_STORES / ALLOWED_BQ_DATASETS, including near misses."""
     n = SIZES["allowlist"]
-    from tests.service.conftest import PROJECT
+    from tests.support.function import PROJECT
     allowed_ds = f"projects/{PROJECT}/locations/us-central1/datasets/allowed-ds"
     p = pipeline(env={"ALLOWED_DICOM_STORES": f"{allowed_ds}/dicomStores/*",
                       "ALLOWED_BQ_DATASETS": f"{PROJECT}.exports"})

@@ -6,17 +6,17 @@ from datetime import timedelta
 
 import pytest
 
-from handlers.adapters import ledger as L
-from handlers.adapters.events import Events
+from handlers import wiring
 from handlers.adapters.healthcare import ApiError, Healthcare, TransientError
-from tests.service.conftest import PROJECT
+from handlers.core import ledger as L
 from tests.support import procs
+from tests.support.function import PROJECT
 from tests.support.hcapi import HC, unique
 
 
 @pytest.fixture
 def ledger(emulator_env):
-    return L.Ledger(unique("adapter-ledger"), PROJECT)
+    return wiring.ledger_for(wiring.settings(), unique("adapter-ledger"))
 
 
 def test_ledger_create_is_once_and_ids_are_escaped(ledger):
@@ -111,7 +111,7 @@ def test_events_publish_waits_for_the_server(emulator_env, pubsub_clients):
     publisher.create_topic(name=f"projects/{PROJECT}/topics/{topic}")
     sub = f"projects/{PROJECT}/subscriptions/{topic}"
     subscriber.create_subscription(name=sub, topic=f"projects/{PROJECT}/topics/{topic}")
-    message_id = Events(PROJECT, topic).publish({"b": 1, "a": "é"}, {"eventType": "EXPORT_STARTED"})
+    message_id = wiring.publisher_for(wiring.settings(), topic).publish({"b": 1, "a": "é"}, {"eventType": "EXPORT_STARTED"})
     assert message_id
     [m] = subscriber.pull(subscription=sub, max_messages=1, timeout=10).received_messages
     assert json.loads(m.message.data) == {"a": "é", "b": 1} and m.message.attributes["eventType"] == "EXPORT_STARTED"

@@ -9,8 +9,8 @@ from collections import Counter
 import pytest
 import requests
 
-from tests.service.conftest import wait_for
-from tests.service.ingest_fixtures import IngestStack, make_instances, stow_bursts
+from tests.support.function import wait_for
+from tests.support.ingest import IngestStack, make_instances, stow_bursts
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -121,43 +121,3 @@ def test_with_one_concurrent_operation_batches_queue_and_all_complete(stack_fact
         assert _request_counts(st)[st.stores[sid]]["export"] == len(batches)
         docs += d
     _no_overlap(docs)  # the emulator allows one running operation per project: they ran one after another
-
-
-def test_updates_and_deletions_with_schema_json_and_the_latest_row_view(stack_factory, tmp_path):
-    """A route with schemaJson (LastUpdated per row). An instance deleted and stored again with new content is
-    exported again (a second row); the deletion is logged and counted, not exported; the README's view keyed on
-    SOPInstanceUID returns one row per instance, the latest."""
-    from tests.support.dicom_files import path, with_uids
-
-    st = stack_factory(["j"], route_options={"j": {"schemaJson": {}}}, max_n=100, max_age_s=1)
-    store = st.stores["j"]
-    files = make_instances(tmp_path / "dcm", 3)
-    stow_bursts(st.hc, store, files)
-    assert st.wait_rows({"j": 3}, timeout=120)["j"] == {"n": 3, "d": 3}
-
-    import pydicom
-    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
-    study, series, sop = ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
-    r = st.hc.http.delete(st.hc.url(f"{store}/dicomWeb/studies/{study}/series/{series}/instances/{sop}"))
-    assert r.status_code == 200, r.text
-    updated = with_uids(path("CT_small.dcm"), tmp_path / "updated.dcm", study=study, series=series, sop=sop,
-                        PatientName="UPDATED^PATIENT")
-    stow_bursts(st.hc, store, [updated])
-    assert st.wait_rows({"j": 4}, timeout=120)["j"] == {"n": 4, "d": 3}
-
-    table = st.tables["j"]
-    latest = st.query(f"""
-        SELECT * EXCEPT (rn) FROM (
-          SELECT SOPInstanceUID, LastUpdated, JSON_VALUE(Metadata, '$."00100010".Value[0].Alphabetic') AS name,
-                 ROW_NUMBER() OVER (PARTITION BY SOPInstanceUID ORDER BY LastUpdated DESC) AS rn
-          FROM `{table}`)
-        WHERE rn = 1""")
-    assert len(latest) == 3
-    assert [row["name"] for row in latest if row["SOPInstanceUID"] == sop] == ["UPDATED^PATIENT"]
-
-    ingest_ledger, _ = st.ledgers()
-    route = ingest_ledger.batches()[0]["route"]
-    wait_for(lambda: ingest_ledger.count(route, "DELETION") == 1, timeout=30, what="the deletion counted")
-    assert ingest_ledger.count(route, "BATCHED") == 4
-    entries = [e for e in st.ingest_notification.log_entries() if e.get("ingestOutcome") == "deletion"]
-    assert len(entries) == 1 and entries[0]["severity"] == "WARNING" and entries[0]["action"] == "DeleteInstance"

@@ -10,12 +10,12 @@ from datetime import timedelta
 
 import pytest
 
-from handlers import event as ev
 from handlers import intake
-from handlers import request as req
-from handlers.adapters import ledger as L
-from tests.service.conftest import request_counts, valid_request, wait_for
+from handlers.core import events as ev
+from handlers.core import ledger as L
+from handlers.core import request as req
 from tests.support import procs
+from tests.support.function import request_counts, valid_request, wait_for
 from tests.support.hcapi import HC, unique
 
 
@@ -64,7 +64,7 @@ def _seed(f, store, rid, state, *, published_at=None, **fields):
 
 @pytest.fixture(scope="module")
 def crash_function(request, pubsub_clients, pubsub, firestore, logs_dir, hc):
-    from tests.service.conftest import Function
+    from tests.support.function import Function
     f = Function("crash", pubsub_clients, pubsub, firestore, logs_dir, hc.url,
                  env={"HEALTHCARE_RETRY_BUDGET_S": "4", "INTAKE_LEASE_S": "5"})
     f.start()

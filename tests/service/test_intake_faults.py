@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.service.conftest import request_counts, valid_request
 from tests.support import procs
+from tests.support.function import request_counts, valid_request
 from tests.support.hcapi import HC, unique
 
 

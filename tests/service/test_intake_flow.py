@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.service.conftest import PROJECT, request_counts, valid_request, wait_for
+from tests.support.function import PROJECT, request_counts, valid_request, wait_for
 from tests.support.hcapi import unique
 
 

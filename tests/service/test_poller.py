@@ -7,11 +7,11 @@ from datetime import timedelta
 
 import pytest
 
-from handlers.adapters import ledger as L
-from tests.service.conftest import PROJECT, wait_for
-from tests.service.test_poller_support import (EVENT_FIELDS, Poller, bq_mk, for_request, log_lines, table)
+from handlers.core import ledger as L
 from tests.support import dicom_files, procs
+from tests.support.function import PROJECT, wait_for
 from tests.support.hcapi import HC, unique
+from tests.support.poller import EVENT_FIELDS, Poller, bq_mk, for_request, log_lines, table
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def three(tmp_path_factory):
 @pytest.fixture(scope="module")
 def harness(request, pubsub_clients, pubsub, firestore, logs_dir, hc):
     """Ledger collection, events topic and pull subscription of this module's poller."""
-    from tests.service.conftest import Function
+    from tests.support.function import Function
     f = Function("poller", pubsub_clients, pubsub, firestore, logs_dir, hc.url, push_subscriptions=0)
     bq_mk(hc.data_dir)
     yield f

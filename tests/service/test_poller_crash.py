@@ -15,11 +15,11 @@ from collections import defaultdict
 
 import pytest
 
-from handlers.adapters import ledger as L
-from tests.service.conftest import Function, wait_for
-from tests.service.test_poller_support import Poller, PollerProcess, pull, started_doc, table
+from handlers.core import ledger as L
 from tests.support import procs
+from tests.support.function import Function, wait_for
 from tests.support.hcapi import HC, unique
+from tests.support.poller import Poller, PollerProcess, pull, started_doc, table
 
 # A short lease, so that the next run may take over quickly (3 x POLL_CALL_TIMEOUT_S is the minimum).
 CRASH_ENV = {"POLL_CALL_TIMEOUT_S": "1", "POLL_LEASE_S": "3", "POLL_BUDGET_S": "10"}
@@ -27,8 +27,8 @@ CRASH_ENV = {"POLL_CALL_TIMEOUT_S": "1", "POLL_LEASE_S": "3", "POLL_BUDGET_S": "
 DIE_AROUND_PUBLISH = textwrap.dedent("""
     import os, sys
     import config
-    from handlers import poller
-    from handlers.adapters import events
+    from handlers import poller, wiring
+    from handlers.adapters import pubsub as events
 
     publish = events.Events.publish
 
@@ -39,7 +39,7 @@ DIE_AROUND_PUBLISH = textwrap.dedent("""
 
     events.Events.publish = publish_then_die
     s = config.get()
-    poller.Tick(s, *poller.clients(s)).run()
+    poller.Tick(s, *wiring.poller_for(s)).run()
 """)
 
 

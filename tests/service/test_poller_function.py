@@ -9,11 +9,11 @@ import sys
 
 import pytest
 
-from handlers.adapters import ledger as L
-from tests.service.conftest import PROJECT, valid_request, wait_for
-from tests.service.test_poller_support import EVENT_FIELDS, PollerProcess, bq_mk, pull
+from handlers.core import ledger as L
 from tests.support import dicom_files, procs
+from tests.support.function import PROJECT, valid_request, wait_for
 from tests.support.hcapi import unique
+from tests.support.poller import EVENT_FIELDS, PollerProcess, bq_mk, pull
 
 
 def test_request_to_completion_through_pubsub(make_function, pubsub_clients, logs_dir, hc, hcapi, tmp_path):

@@ -6,11 +6,11 @@ import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
-from handlers.adapters import ledger as L
-from tests.service.conftest import Function
-from tests.service.test_poller_support import Poller, PollerProcess, pull, started_doc, table
+from handlers.core import ledger as L
 from tests.support import procs
+from tests.support.function import Function
 from tests.support.hcapi import HC, unique
+from tests.support.poller import Poller, PollerProcess, pull, started_doc, table
 
 
 def _operations(p: Poller, store: str, n: int) -> list[dict]:

@@ -4,15 +4,16 @@ from their cursor; unusable tables are refused."""
 from __future__ import annotations
 
 import json
+import os
 
 import pydicom
 import pytest
 
 from handlers.core import changes as C
-from tests.service.conftest import PROJECT
-from tests.service.ingest_fixtures import bq_mk
 from tests.support.dicom_files import path, with_uids
+from tests.support.function import PROJECT
 from tests.support.hcapi import HC, unique
+from tests.support.ingest import bq_mk
 
 STUDIES = {"1.2.826.0.1.88.1": 3, "1.2.826.0.1.88.2": 2, "1.2.826.0.1.88.3": 1}
 
@@ -71,19 +72,14 @@ class World:
 
     def reconciler(self, **env):
         import config
-        from handlers import reconcile
-        from handlers.adapters.bigquery import BigQuery
-        from handlers.adapters.dicomweb import DicomWeb
-        from handlers.adapters.events import Events
-        from handlers.adapters.reconcile_state import ReconcileState
+        from handlers import reconcile, wiring
 
-        s = config.load({"GOOGLE_CLOUD_PROJECT": PROJECT, "LEDGER_COLLECTION": f"ledger-{self.name}",
+        s = config.load({**os.environ, "GOOGLE_CLOUD_PROJECT": PROJECT, "LEDGER_COLLECTION": f"ledger-{self.name}",
                          "INGEST_ROUTES": json.dumps({self.store: self.table}), "INGEST_FILTER_BUCKET": "b-rec",
                          "HEALTHCARE_API_ENDPOINT": self.hc_url, "BIGQUERY_API_ENDPOINT": self.hc_url,
                          "EXPORT_EVENTS_TOPIC": self.topic, **env})
-        state = ReconcileState(s.ledger_collection, PROJECT)
-        return reconcile.Reconcile(s, state, state, DicomWeb(self.hc_url), BigQuery(self.hc_url, PROJECT),
-                                   Events(PROJECT, self.topic)), state
+        deps = wiring.reconcile_for(s)
+        return reconcile.Reconcile(s, *deps), deps[0]
 
     def events(self) -> list[dict]:
         resp = self.subscriber.pull(subscription=self.sub, max_messages=50, timeout=10)
@@ -121,7 +117,7 @@ def test_dry_run_reports_exactly_the_divergence_and_changes_nothing(world):
 
 
 def rec_key(world) -> str:
-    from handlers.ingest import Route
+    from handlers.core.batches import Route
     return Route(world.store, world.table).key
 
 

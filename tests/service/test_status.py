@@ -9,13 +9,13 @@ import sys
 import pytest
 import requests
 
-from handlers import intake
-from handlers import request as req
-from handlers.adapters import ledger as L
-from tests.service.conftest import FF, Function
-from tests.service.test_poller_support import Poller, table
+from handlers import intake, wiring
+from handlers.core import ledger as L
+from handlers.core import request as req
 from tests.support import procs
+from tests.support.function import FF, Function
 from tests.support.hcapi import unique
+from tests.support.poller import Poller, table
 
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 
@@ -71,7 +71,7 @@ def test_a_rejected_request_and_an_id_firestore_reserves(status):
     raw = json.dumps({"requestId": "..", "dicomStore": "nope", "bigqueryDestination": {"tableUri": "bq://x"}})
     parsed = req.parse(raw.encode(), "m-status")
     doc = intake.new_document(parsed, raw.encode(), "m-status", published_at=L.now(), owner=None, lease_s=0)
-    ledger = L.Ledger(status.fn.collection)
+    ledger = wiring.ledger_for(wiring.settings(), status.fn.collection)
     ledger.create("..", doc)  # stored under an escaped document id
     got = _get(status, requestId="..").json()
     assert got["requestId"] == ".." and got["state"] == "REJECTED" and got["error"]["code"] == 3

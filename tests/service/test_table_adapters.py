@@ -8,10 +8,10 @@ from handlers.adapters.bigquery import BigQuery, TableError
 from handlers.adapters.dicomweb import DicomWeb
 from handlers.core import changes as C
 from handlers.core import reconcile as R
-from tests.service.conftest import PROJECT
-from tests.service.ingest_fixtures import bq_mk
 from tests.support.dicom_files import path, with_uids
+from tests.support.function import PROJECT
 from tests.support.hcapi import HC, unique
+from tests.support.ingest import bq_mk
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from tests.service.ingest_fixtures import IngestStack
+from tests.support.ingest import IngestStack
 
 pytestmark = pytest.mark.timeout(1800)
 

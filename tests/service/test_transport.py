@@ -14,9 +14,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from handlers.adapters import google_http as gh
-from tests.service.conftest import PROJECT, valid_request
+from handlers.adapters import transport as gh
 from tests.support import procs
+from tests.support.function import PROJECT, valid_request
 from tests.support.hcapi import HC, unique
 
 TOKEN = "ya29.metadata-token-" + "m" * 24

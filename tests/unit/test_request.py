@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from handlers import request as r
+from handlers.core import request as r
 
 STORE = "projects/my-proj/locations/us-central1/datasets/D/dicomStores/S"
 POLICY = r.Policy(max_bytes=4096)

@@ -1,60 +1,40 @@
-"""Firestore adapter of the ingest function: arrivals, routes, batches and table locks.
+"""The ingest ledger in Firestore: arrivals, routes, batches and table locks (their names, states and
+rules: handlers/core/batches.py; the fields of each: docs/design.md, "Ingest").
 
-Four collections next to the request ledger (LEDGER_COLLECTION = C):
-
-- `C-ingestArrivals`: one document per notification, id = hash of what identifies it (an instance
-  version), created with a create-only write: a redelivered notification finds it and adds nothing.
-  Concurrent notifications write different documents: there is no hot document on the hot path.
-- `C-ingestRoutes`: one per (store, table) route: the batch sequence number and the batch being
-  closed. Written only when a batch is closed, never per notification.
-- `C-ingestBatches`: one per closed batch (<= INGEST_BATCH_MAX_INSTANCES paths, < 1 MiB).
-- `C-ingestTables`: one per destination table: the batch whose export is running (the lock).
-
+Concurrent notifications write different arrival documents: there is no hot document on the hot path.
 Multi-document changes are optimistic: read, decide, then one atomic batched write conditioned on each
-document's update time (`_cas`). No Firestore transaction is used: an abandoned transaction (a process
-killed inside one) keeps its locks until they expire, which would stall every other instance.
-
-The fields of each are described in README.md, "Ingest". Firestore is reached over REST
-(handlers/adapters/firestore.py). Timestamps are aware UTC.
+document's update time (Firestore.cas_many). No Firestore transaction is used: an abandoned transaction
+(a process killed inside one) keeps its locks until they expire, which would stall every other instance.
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
+from typing import Any
+
+from handlers.core.batches import BATCH_FINAL, BATCHED, CLOSING, PENDING, PUBLISHING, READY, collections
+from handlers.core.clock import now
+from handlers.core.ledger import Doc
 
 from .firestore import Conflict, Firestore
+from .firestore import Doc as Stored
 
-# arrival states
-PENDING, BATCHED, DELETION, OTHER = "PENDING", "BATCHED", "DELETION", "OTHER"
-# batch states, in order; EXPORTED and FAILED are final
-CLOSING, READY, PUBLISHING, PUBLISHED, EXPORTED, FAILED = (
-    "CLOSING", "READY", "PUBLISHING", "PUBLISHED", "EXPORTED", "FAILED")
-BATCH_FINAL = frozenset({EXPORTED, FAILED})
 WRITE_CHUNK = 400  # documents per batched write (Firestore's historical limit is 500)
 
 
-def now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
 class IngestLedger:
-    def __init__(self, ledger_collection: str, project: str | None = None, *, client: Firestore | None = None):
+    def __init__(self, ledger_collection: str, client: Firestore):
         self.prefix = ledger_collection
-        self.project = project
         self._client = client
-        self.ARRIVALS, self.ROUTES = f"{self.prefix}-ingestArrivals", f"{self.prefix}-ingestRoutes"
-        self.BATCHES, self.TABLES = f"{self.prefix}-ingestBatches", f"{self.prefix}-ingestTables"
+        self.ARRIVALS, self.ROUTES, self.BATCHES, self.TABLES = collections(ledger_collection)
 
     def client(self) -> Firestore:
-        if self._client is None:
-            from .ledger import firestore_client
-            self._client = firestore_client(self.project)
         return self._client
 
-    def _get(self, collection: str, doc_id: str) -> dict | None:
+    def _get(self, collection: str, doc_id: str) -> Doc | None:
         d = self.client().get(collection, doc_id)
         return d.data if d is not None else None
 
-    def _create(self, collection: str, doc_id: str, doc: dict) -> bool:
+    def _create(self, collection: str, doc_id: str, doc: Doc) -> bool:
         fs = self.client()
         try:
             fs.commit([fs.create(collection, doc_id, doc)])
@@ -63,20 +43,20 @@ class IngestLedger:
             return False
 
     # -- arrivals ----------------------------------------------------------------------------------
-    def record(self, arrival_id: str, doc: dict) -> bool:
+    def record(self, arrival_id: str, doc: Doc) -> bool:
         """Create the arrival unless it exists (one write, no transaction). True when created."""
         return self._create(self.ARRIVALS, arrival_id, doc)
 
-    def arrival(self, arrival_id: str) -> dict | None:
+    def arrival(self, arrival_id: str) -> Doc | None:
         return self._get(self.ARRIVALS, arrival_id)
 
-    def _pending(self, route: str, fields: list[str], limit: int):
+    def _pending(self, route: str, fields: list[str], limit: int) -> list[Stored]:
         return self.client().query(self.ARRIVALS, where=[("route", "==", route), ("state", "==", PENDING)],
                                    select=fields, order_by=["arrivedAt"], limit=limit)
 
-    def pending(self, route: str, limit: int) -> list[dict]:
+    def pending(self, route: str, limit: int) -> list[Doc]:
         """The route's oldest pending arrivals (composite index route, state, arrivedAt)."""
-        return [{**d.data, "id": d.id} for d in self._pending(route, ["path", "arrivedAt"], limit)]
+        return [{**d.data, "id": d.id} for d in self._pending(route, ["path", "arrivedAt", "kind"], limit)]
 
     def oldest_pending(self, route: str) -> datetime | None:
         for d in self._pending(route, ["arrivedAt"], 1):
@@ -95,39 +75,39 @@ class IngestLedger:
                        for aid in arrival_ids[i:i + WRITE_CHUNK]])
 
     # -- routes ------------------------------------------------------------------------------------
-    def ensure_route(self, key: str, fields: dict) -> None:
+    def ensure_route(self, key: str, fields: dict[str, str]) -> None:
         t = now()
         self._create(self.ROUTES, key, {**fields, "seq": 0, "closing": None, "createdAt": t, "updatedAt": t})
 
-    def route(self, key: str) -> dict | None:
+    def route(self, key: str) -> Doc | None:
         return self._get(self.ROUTES, key)
 
-    def routes(self, table_key: str | None = None) -> list[dict]:
-        where = [("tableKey", "==", table_key)] if table_key is not None else []
+    def routes(self, table_key: str | None = None) -> list[Doc]:
+        where: list[tuple[str, str, object]] = [("tableKey", "==", table_key)] if table_key is not None else []
         return [d.data for d in self.client().query(self.ROUTES, where=where)]
 
-    def open_batch(self, route_key: str, expected_seq: int, batch_id: str, batch: dict) -> bool:
+    def open_batch(self, route_key: str, expected_seq: int, batch_id: str, batch: Doc) -> bool:
         """Create the batch (CLOSING) and mark it as the route's batch being closed, if the route is
         still at `expected_seq` with nothing being closed (else another closer got there first)."""
         route_ref, batch_ref = (self.ROUTES, route_key), (self.BATCHES, batch_id)
 
-        def decide(route, _batch):
+        def decide(route: Doc | None, _batch: Doc | None) -> Any:
             if route is None or int(route.get("seq") or 0) != expected_seq or route.get("closing"):
                 return None
             t = now()
             return [(route_ref, "update", {"seq": expected_seq + 1, "closing": batch_id, "closingSince": t,
                                            "updatedAt": t}),
                     (batch_ref, "create", batch)]
-        return self._cas([route_ref, batch_ref], decide)
+        return self.client().cas_many([route_ref, batch_ref], decide)
 
-    def finish_close(self, route_key: str, batch_id: str, updates: dict) -> bool:
+    def finish_close(self, route_key: str, batch_id: str, updates: Doc) -> bool:
         """CLOSING -> `updates` (READY) and clear the route's `closing`, in one atomic write."""
         route_ref, batch_ref = (self.ROUTES, route_key), (self.BATCHES, batch_id)
-        moved = []
+        moved: list[bool] = []
 
-        def decide(route, batch):
+        def decide(route: Doc | None, batch: Doc | None) -> Any:
             t = now()
-            ops = []
+            ops: list[Any] = []
             moved.clear()
             if batch is not None and batch.get("state") == CLOSING:
                 ops.append((batch_ref, "update", {**updates, "updatedAt": t}))
@@ -135,44 +115,49 @@ class IngestLedger:
             if route is not None and route.get("closing") == batch_id:
                 ops.append((route_ref, "update", {"closing": None, "closingSince": None, "updatedAt": t}))
             return ops or None
-        self._cas([route_ref, batch_ref], decide)
+        self.client().cas_many([route_ref, batch_ref], decide)
         return bool(moved)
 
     # -- batches -----------------------------------------------------------------------------------
-    def batch(self, batch_id: str) -> dict | None:
+    def batch(self, batch_id: str) -> Doc | None:
         return self._get(self.BATCHES, batch_id)
 
-    def update_batch_if(self, batch_id: str, states: tuple[str, ...], updates: dict) -> bool:
+    def update_batch_if(self, batch_id: str, states: tuple[str, ...], updates: Doc) -> bool:
         ref = (self.BATCHES, batch_id)
 
-        def decide(batch):
+        def decide(batch: Doc | None) -> Any:
             if batch is None or batch.get("state") not in states:
                 return None
             return [(ref, "update", {**updates, "updatedAt": now()})]
-        return self._cas([ref], decide)
+        return self.client().cas_many([ref], decide)
 
-    def ready(self, table_key: str, limit: int = 1) -> list[dict]:
+    def failed_unpublished(self, limit: int = 50) -> list[Doc]:
+        """FAILED batches whose INGEST_BATCH_FAILED event is recorded but not known to be published."""
+        return [d.data for d in self.client().query(self.BATCHES, where=[("eventPending", "==", True)],
+                                                    limit=limit)]
+
+    def ready(self, table_key: str, limit: int = 1) -> list[Doc]:
         """READY batches of a table, first closed first (composite index tableKey, state, readyAt)."""
         return [d.data for d in self.client().query(self.BATCHES, where=[("tableKey", "==", table_key),
                                                                          ("state", "==", READY)],
                                                     order_by=["readyAt"], limit=limit)]
 
     def batches(self, *, route: str | None = None, table_key: str | None = None, state: str | None = None,
-                limit: int = 1000) -> list[dict]:
+                limit: int = 1000) -> list[Doc]:
         """Batches by equality filters (operators and tests)."""
-        where = [(name, "==", value) for name, value in (("route", route), ("tableKey", table_key), ("state", state))
+        where: list[tuple[str, str, object]] = [(name, "==", value) for name, value in (("route", route), ("tableKey", table_key), ("state", state))
                  if value is not None]
         return [d.data for d in self.client().query(self.BATCHES, where=where, limit=limit)]
 
     # -- tables ------------------------------------------------------------------------------------
-    def table(self, table_key: str) -> dict | None:
+    def table(self, table_key: str) -> Doc | None:
         return self._get(self.TABLES, table_key)
 
     def claim_table(self, table_key: str, table_uri: str, batch_id: str, request_id: str) -> bool:
         """Take the table for `batch_id` (READY -> PUBLISHING) if no export of the table is running."""
         table_ref, batch_ref = (self.TABLES, table_key), (self.BATCHES, batch_id)
 
-        def decide(table, batch):
+        def decide(table: Doc | None, batch: Doc | None) -> Any:
             if batch is None or batch.get("state") != READY or (table or {}).get("running"):
                 return None
             t = now()
@@ -180,13 +165,13 @@ class IngestLedger:
                        "updatedAt": t}
             return [(table_ref, "update" if table is not None else "create", running),
                     (batch_ref, "update", {"state": PUBLISHING, "claimedAt": t, "updatedAt": t})]
-        return self._cas([table_ref, batch_ref], decide)
+        return self.client().cas_many([table_ref, batch_ref], decide)
 
-    def release_table(self, table_key: str, batch_id: str, batch_updates: dict) -> bool:
+    def release_table(self, table_key: str, batch_id: str, batch_updates: Doc) -> bool:
         """The running export of `batch_id` ended: free the table and record the outcome, together."""
         table_ref, batch_ref = (self.TABLES, table_key), (self.BATCHES, batch_id)
 
-        def decide(table, batch):
+        def decide(table: Doc | None, batch: Doc | None) -> Any:
             running = (table or {}).get("running")
             if not running or running.get("batchId") != batch_id:
                 return None
@@ -195,35 +180,4 @@ class IngestLedger:
             if batch is not None and batch.get("state") not in BATCH_FINAL and batch_updates:
                 ops.append((batch_ref, "update", {**batch_updates, "updatedAt": t}))
             return ops
-        return self._cas([table_ref, batch_ref], decide)
-
-    # -- plumbing ----------------------------------------------------------------------------------
-    def _cas(self, refs: list[tuple[str, str]], decide, *, attempts: int = 30) -> bool:
-        """Optimistic read-decide-write over a few documents, without a transaction: read them, let
-        `decide(*docs)` return [(ref, "create" | "update", data), ...] (or None: nothing to do, False),
-        and commit those writes as one atomic batch, each update conditioned on the document's
-        version as read and each create on its absence. If any changed meanwhile, nothing is
-        written and it starts over. No lock is ever held, so a process that dies mid-way blocks nobody
-        (an abandoned Firestore transaction keeps its locks until they expire)."""
-        import random
-        import time
-
-        fs = self.client()
-        for attempt in range(attempts):
-            read = dict(zip(refs, fs.get_all(refs)))
-            ops = decide(*[d.data if d is not None else None for d in read.values()])
-            if not ops:
-                return False
-            writes = [fs.create(*ref, data) if kind == "create" else
-                      fs.update(*ref, data, version=read[ref].version if read[ref] is not None else None)
-                      for ref, kind, data in ops]
-            try:
-                fs.commit(writes)
-                return True
-            except Conflict:
-                time.sleep(random.uniform(0, min(0.5, 0.01 * 2 ** attempt)))
-        raise ContentionError(f"{refs}: still changing after {attempts} attempts")
-
-
-class ContentionError(Exception):
-    """A conditional write kept losing to concurrent writers (the caller retries later)."""
+        return self.client().cas_many([table_ref, batch_ref], decide)

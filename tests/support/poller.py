@@ -20,12 +20,12 @@ from pathlib import Path
 import requests
 
 import config
-from handlers import event as ev
-from handlers import intake, poller
-from handlers import request as req
-from handlers.adapters import ledger as L
-from tests.service.conftest import FF, PROJECT
+from handlers import intake, poller, wiring
+from handlers.core import events as ev
+from handlers.core import ledger as L
+from handlers.core import request as req
 from tests.support import procs
+from tests.support.function import FF, PROJECT
 from tests.support.hcapi import HC, unique
 
 # Small, fast settings for tests (each still valid by config's own rules).
@@ -76,7 +76,7 @@ class Poller:
         if hc_url:
             self.env["HEALTHCARE_API_ENDPOINT"] = hc_url
         self.settings = config.load(self.env)
-        self.ledger, self.hc, self.events = poller.clients(self.settings)
+        self.ledger, self.hc, self.events = wiring.poller_for(self.settings)
         self.api = HC(self.env["HEALTHCARE_API_ENDPOINT"])
 
     def tick(self) -> dict:

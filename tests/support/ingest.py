@@ -1,8 +1,7 @@
 """Helpers of the ingest tests (tests/service/test_ingest*.py): the ingest function's pieces wired to the
 real emulators in-process, and functions-framework processes for the end-to-end tests.
 
-Imported by the test modules (its fixtures are re-exported there); not a conftest, so the intake's
-fixtures stay as they are.
+Its fixture `pieces` is imported by tests/service/conftest.py.
 """
 from __future__ import annotations
 
@@ -15,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.service.conftest import FF, PROJECT
 from tests.support import fnlogs, procs
+from tests.support.function import FF, PROJECT
 from tests.support.hcapi import unique
 
 
@@ -31,20 +30,19 @@ def instance_path(i: int, study: str = "1.2.3", series: str = "1.2.3.4") -> str:
 class Pieces:
     """Ingest wired to the emulators, in this process: own collections, requests topic and bucket."""
 
-    def __init__(self, pubsub_clients, routes: dict, *, max_n: int = 10, max_age_s: float = 60, env=None):
+    def __init__(self, pubsub_clients, routes: dict, *, hc_url: str, max_n: int = 10, max_age_s: float = 60,
+                 env=None):
         import config
-        from handlers import ingest
-        from handlers.adapters.events import Events
-        from handlers.adapters.gcs import FilterFiles
-        from handlers.adapters.ingest_ledger import IngestLedger
-        from handlers.adapters.ledger import Ledger
+        from handlers import ingest, wiring
 
         self.publisher, self.subscriber = pubsub_clients
         self.name = unique("ing")
         self.collection = f"ledger-{self.name}"
         self.requests_topic = f"req-{self.name}"
         self.bucket = f"filters-{self.name}"
-        self.publisher.create_topic(name=f"projects/{PROJECT}/topics/{self.requests_topic}")
+        self.events_topic = f"events-{self.name}"
+        for t in (self.requests_topic, self.events_topic):
+            self.publisher.create_topic(name=f"projects/{PROJECT}/topics/{t}")
         self.requests_sub = f"projects/{PROJECT}/subscriptions/pull-{self.name}"
         self.subscriber.create_subscription(name=self.requests_sub,
                                             topic=f"projects/{PROJECT}/topics/{self.requests_topic}",
@@ -53,18 +51,22 @@ class Pieces:
             "GOOGLE_CLOUD_PROJECT": PROJECT, "LEDGER_COLLECTION": self.collection,
             "EXPORT_REQUESTS_TOPIC": self.requests_topic, "INGEST_ROUTES": json.dumps(routes),
             "INGEST_FILTER_BUCKET": self.bucket, "INGEST_BATCH_MAX_INSTANCES": str(max_n),
-            "INGEST_BATCH_MAX_AGE_S": str(max_age_s), **(env or {})})
-        self.requests_ledger = Ledger(self.collection, PROJECT)
-        self.ledger = IngestLedger(self.collection, PROJECT, client=self.requests_ledger.client())
-        self.files = FilterFiles(self.bucket, PROJECT,
-                                 emulator_host=os.environ["STORAGE_EMULATOR_HOST"].removeprefix("http://"))
-        self.requests = Events(PROJECT, self.requests_topic)
+            "INGEST_BATCH_MAX_AGE_S": str(max_age_s), "BIGQUERY_API_ENDPOINT": hc_url,
+            "EXPORT_EVENTS_TOPIC": self.events_topic, **(env or {})})
+        s = wiring.settings()
+        self.requests_ledger = wiring.ledger_for(s, self.collection)
+        self.ledger = wiring.batch_store_for(s, self.collection)
+        self.files = wiring.filter_files_for(config.load(os.environ), self.bucket)  # STORAGE_EMULATOR_HOST
+        self.requests = wiring.publisher_for(s, self.requests_topic)
+        self.bigquery = wiring.bigquery_for(self.settings)
+        self.events = wiring.publisher_for(s, self.events_topic)
         self.ingest_mod = ingest
         self.published: list[dict] = []
 
-    def ingest(self, *, ledger=None, files=None, requests=None):
+    def ingest(self, *, ledger=None, files=None, requests=None, bigquery=None):
         return self.ingest_mod.Ingest(self.settings, ledger or self.ledger, self.requests_ledger,
-                                      files or self.files, requests or self.requests)
+                                      files or self.files, requests or self.requests, bigquery or self.bigquery,
+                                      self.events)
 
     def notify(self, store: str, path: str, *, action: str | None = "StoreInstances", version: str | None = "1",
                message_id: str | None = None, ingest=None):
@@ -96,7 +98,7 @@ class Pieces:
 
     def finish_request(self, request_id: str, state: str = "SUCCEEDED", counter=None) -> None:
         """Stand in for intake + poller: the request's ledger document, terminal."""
-        from handlers.adapters.ledger import now
+        from handlers.core.clock import now
         self.requests_ledger.put_many([{"requestId": request_id, "state": state,
                                         "counter": counter or {"success": "1"}, "updatedAt": now(),
                                         "operation": f"projects/{PROJECT}/locations/l/datasets/d/"
@@ -178,12 +180,12 @@ def bq_count(data_dir, table: str) -> dict:
 
 
 @pytest.fixture
-def pieces(pubsub_clients, gcs, monkeypatch):
+def pieces(pubsub_clients, gcs, hc, monkeypatch):
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs.url)
     made = []
 
     def make(routes: dict, **kw) -> Pieces:
-        p = Pieces(pubsub_clients, routes, **kw)
+        p = Pieces(pubsub_clients, routes, hc_url=hc.url, **kw)
         made.append(p)
         return p
     yield make
@@ -295,10 +297,9 @@ class IngestStack:
             time.sleep(0.3)
 
     def ledgers(self):
-        from handlers.adapters.ingest_ledger import IngestLedger
-        from handlers.adapters.ledger import Ledger
-        requests_ledger = Ledger(self.collection, PROJECT)
-        return IngestLedger(self.collection, PROJECT, client=requests_ledger.client()), requests_ledger
+        from handlers import wiring
+        s = wiring.settings()
+        return wiring.batch_store_for(s, self.collection), wiring.ledger_for(s, self.collection)
 
     def pull_notifications(self, n: int, timeout: float = 30) -> list:
         got, deadline = [], time.monotonic() + timeout
