@@ -39,7 +39,7 @@ class Apply:
         plan = C.Plan.of(b)
         if b.get("deletedAttempt") != attempt:
             try:
-                rows, job = self.delete_rows(b["tableUri"], plan)
+                rows, job = self.delete_rows(b, plan, attempt)
             except HttpError as e:  # a final refusal (not a missing table): this attempt failed
                 return self.failed(b, {"step": "delete", "error": {"code": e.http_status, "message": e.message}})
             if not self.ledger.update_batch_if(b["batchId"], (B.PUBLISHING,), {
@@ -57,12 +57,16 @@ class Apply:
                   tableUri=b["tableUri"])
         return True
 
-    def delete_rows(self, table_uri: str, plan: C.Plan) -> tuple[int, str | None]:
-        """(rows deleted, the DML job's id); (0, None) when the table does not exist yet."""
+    def delete_rows(self, b: Doc, plan: C.Plan, attempt: int) -> tuple[int, str | None]:
+        """(rows deleted, the DML job's id); (0, None) when the table does not exist yet. The job's id is the
+        attempt's (C.dml_job_id): whoever finds the batch part-way submits the same job, which BigQuery runs
+        once, so a late copy can never delete rows the attempt's export has appended since."""
         from handlers.adapters.transport import HttpError
 
+        job_id = C.dml_job_id(self.ledger.prefix, b, attempt)
         try:
-            r = self.bq.query(C.delete_statement(table_uri), C.parameters(plan))
+            r = self.bq.run_once(C.delete_statement(b["tableUri"]), C.parameters(plan), job_id,
+                                 table_uri=b["tableUri"])
         except HttpError as e:
             if e.http_status == 404:
                 return 0, None

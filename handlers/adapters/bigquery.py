@@ -1,9 +1,12 @@
-"""BigQuery adapter: table metadata and query / DML jobs (`tables.get`, `jobs.query`, `getQueryResults`), over
-REST through the one transport and its retry policy.
+"""BigQuery adapter: table metadata and query / DML jobs (`tables.get`, `jobs.query`, `jobs.insert`,
+`getQueryResults`), over REST through the one transport and its retry policy.
 
 Jobs run in the functions' project (the runtime account needs roles/bigquery.jobUser there) and name tables
 fully (`P.D.T`: roles/bigquery.dataEditor on each routed dataset). A retried `jobs.query` carries the same
-`requestId`, which BigQuery uses to answer a repeated call with the job the first one started.
+`requestId`, which BigQuery uses to answer a repeated call with the job the first one started. `run_once`
+inserts a job under an id the caller derives from its work: BigQuery runs at most one job per id (a second
+insert answers 409), so a statement that must not run twice (a batch's DML, once its export may have
+appended rows) runs once whoever submits it and however often.
 """
 from __future__ import annotations
 
@@ -65,6 +68,26 @@ class BigQuery:
             r = self._results(ref, r["pageToken"])
             out.calls += 1
             out.rows.extend(_values(r))
+        return out
+
+    def run_once(self, sql: str, parameters: list[dict[str, Any]], job_id: str, *, table_uri: str) -> Result:
+        """Run a DML statement as the job `job_id`, or, if that job exists already, wait for it instead; its
+        affected rows. (`table_uri`: the table it changes, whose location finds an existing job.)"""
+        body = {"jobReference": {"projectId": self.project, "jobId": job_id}, "configuration": {"query": {
+            "query": sql, "useLegacySql": False, "parameterMode": "NAMED", "queryParameters": parameters}}}
+        out = Result(job_id=job_id, calls=1)
+        try:
+            ref = self._call("POST", f"/projects/{self.project}/jobs", "jobs.insert", json=body).json()["jobReference"]
+        except transport.HttpError as e:
+            if e.http_status != 409:
+                raise
+            ref = {"projectId": self.project, "jobId": job_id, "location": self.table(table_uri).get("location")}
+            out.calls += 1
+        r: dict[str, Any] = {}
+        while not r.get("jobComplete"):
+            r = self._results(ref, None)
+            out.calls += 1
+        out.affected = int(r.get("numDmlAffectedRows") or 0)
         return out
 
     def _results(self, ref: dict[str, Any], page_token: str | None) -> dict[str, Any]:

@@ -19,6 +19,7 @@ earlier one.
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -157,6 +158,13 @@ def string_array(name: str, values: Iterable[str]) -> dict[str, Any]:
 
 def parameters(p: Plan) -> list[dict[str, Any]]:
     return [string_array("sops", p.sops), string_array("series", p.series), string_array("studies", p.studies)]
+
+
+def dml_job_id(ledger: str, batch: dict[str, Any], attempt: int) -> str:
+    """The BigQuery job id of a batch attempt's DML: the same for every process that applies it (BigQuery runs
+    one job per id), and unique across ledgers and routes re-created with the same batch numbers."""
+    salt = hashlib.sha256(f"{ledger}\n{batch['batchId']}\n{batch.get('closedAt')}".encode()).hexdigest()[:12]
+    return f"ingest_{batch['batchId']}_a{attempt}_{salt}"
 
 
 def retry_at(attempt: int, max_attempts: int, base_s: float, now: datetime) -> datetime | None:

@@ -149,7 +149,7 @@ class Crashing:
 CRASH_POINTS = [("ledger", "open_batch", "after"), ("ledger", "mark_batched", "before"),
                 ("ledger", "mark_batched", "after"), ("files", "write_once", "after"),
                 ("ledger", "finish_close", "before"), ("ledger", "finish_close", "after"),
-                ("ledger", "claim_table", "after"), ("bigquery", "query", "before"), ("bigquery", "query", "after"),
+                ("ledger", "claim_table", "after"), ("bigquery", "run_once", "before"), ("bigquery", "run_once", "after"),
                 ("requests", "publish", "before"),
                 ("requests", "publish", "after"), ("ledger", "update_batch_if", "before"),
                 ("ledger", "release_table", "after")]

@@ -4,6 +4,7 @@ batches go through the real intake and poller; rows are read from the emulator's
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pydicom
 import pytest
@@ -88,16 +89,20 @@ def test_store_delete_store_ends_with_one_row_of_the_last_version_and_a_deleted_
 
 
 def test_a_deletion_storm_of_one_study_is_batched_not_one_dml_job_per_notification(stack_factory, tmp_path):
-    st = stack_factory(["s"], max_n=500, max_age_s=2)
+    st = stack_factory(["s"], max_n=500, max_age_s=5)
     store = st.stores["s"]
     files = make_instances(tmp_path / "dcm", 120, per_study=120)
     stow_bursts(st.hc, store, files)
     st.wait_rows({"s": 120})
-    before = len(dml_jobs(st))
     delete(st, store, uids_of(files[0])[0])  # 120 DeleteStudy notifications
     wait_for(lambda: st.rows("s")["n"] == 0 or st.tick(), timeout=240, interval=1.0, what="the study's rows deleted")
-    jobs = dml_jobs(st)[before:]
-    assert 1 <= len(jobs) <= 3, jobs  # one per batch (the notifications spread over at most a few batches)
+    ingest_ledger, _ = st.ledgers()
+    batches = ingest_ledger.batches()
+    with_deletions = [b for b in batches if len(b["removals"]["sops"]) > len(b["paths"])]
+    # the notifications arrive over seconds (one push in flight): batches close by age, each one DML job
+    assert 1 <= len(with_deletions) <= 12 and sum(len(b["removals"]["sops"]) for b in with_deletions) == 120
+    # one DML job per batch attempt, however many processes found the batch part-way
+    assert len(dml_jobs(st)) == sum(b.get("attempt") or 1 for b in batches)
 
 
 def test_bad_input_is_counted_and_logged_and_changes_nothing(stack_factory, tmp_path):
@@ -106,7 +111,7 @@ def test_bad_input_is_counted_and_logged_and_changes_nothing(stack_factory, tmp_
     files = make_instances(tmp_path / "dcm", 2)
     stow_bursts(st.hc, store, files)
     st.wait_rows({"x": 2})
-    other = store.rsplit("/", 1)[0] + "/dicomStores/not-routed"
+    other = store.rsplit("/", 1)[0] + "/not-routed"
     study, series, sop = uids_of(files[0])
     bad = [(f"{other}/dicomWeb/studies/{study}/series/{series}/instances/{sop}", {"action": "DeleteInstance"}),
            (f"{store}/dicomWeb/studies/{study}/series/../instances/{sop}", {"action": "DeleteInstance"}),
@@ -116,10 +121,14 @@ def test_bad_input_is_counted_and_logged_and_changes_nothing(stack_factory, tmp_
     for data, attrs in bad:
         st.publisher.publish(st.topic("notify"), data.encode(), **attrs).result(timeout=30)
 
-    def counted():
-        o = [e.get("ingestOutcome") for e in st.ingest_notification.log_entries()]
-        return o.count("unrouted") == 1 and o.count("malformed") == 2 and o.count("deletion") == 1
-    wait_for(counted, timeout=60, what="the bad notifications logged")
+    def outcomes():
+        return Counter(e.get("ingestOutcome") for e in st.ingest_notification.log_entries() if e.get("ingestOutcome"))
+    try:
+        # (a redelivered notification is logged again as a duplicate)
+        wait_for(lambda: {k: outcomes()[k] for k in ("recorded", "unrouted", "malformed", "deletion")} == {
+            "recorded": 2, "unrouted": 1, "malformed": 2, "deletion": 1}, timeout=60)
+    finally:
+        print("outcomes:", outcomes())
     wait_for(lambda: any(e.get("message") == "ingest batch rows deleted" and e.get("rowsDeleted") == 0
                          for e in st.ingest_notification.log_entries() + st.poll_exports.log_entries())
              or st.tick(), timeout=120, interval=1.0, what="the never-had deletion applied")

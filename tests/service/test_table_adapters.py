@@ -77,3 +77,20 @@ def test_the_batch_delete_statement_removes_exactly_the_planned_rows(hc, exporte
     left = bq.query(f"SELECT SOPInstanceUID FROM {C.table_sql_name(copy)}")
     assert sorted(r[0] for r in left.rows) == sorted(u[2] for u in uids[1:3])
     assert bq.query(C.delete_statement(copy), C.parameters(plan)).affected == 0  # again: nothing left to delete
+
+
+def test_run_once_runs_one_job_per_id_whoever_submits_it(hc, exported):
+    store, table, uids = exported
+    copy = table + "_once"
+    assert "error" not in HC(hc.url).export_and_wait(store, {"bigqueryDestination": {"tableUri": copy}})
+    bq = BigQuery(hc.url, PROJECT)
+    plan = C.Plan(sops=(uids[0][2],), series=(), studies=(), export_paths=())
+    job = f"test_{unique('job').replace('-', '_')}"
+    first = bq.run_once(C.delete_statement(copy), C.parameters(plan), job, table_uri=copy)
+    assert (first.affected, first.job_id) == (1, job)
+    t = C.table_sql_name(copy)
+    one = [C.string_array("s", [uids[0][2]])]
+    bq.query(f"INSERT INTO {t} SELECT * FROM {C.table_sql_name(table)} WHERE SOPInstanceUID IN UNNEST(@s)", one)
+    again = bq.run_once(C.delete_statement(copy), C.parameters(plan), job, table_uri=copy)  # e.g. a late copy
+    assert again.affected == 1  # the first job's count: nothing deleted a second time
+    assert len(bq.query(f"SELECT 1 FROM {t} WHERE SOPInstanceUID IN UNNEST(@s)", one).rows) == 1

@@ -69,6 +69,16 @@ def test_plan_round_trips_through_the_batch_document():
     assert legacy == C.Plan(("4",), (), (), (path("1", "2", "4"),))
 
 
+def test_the_dml_job_id_is_the_attempts_and_unique_per_ledger():
+    b = {"batchId": "3f2c9a1b7e4d5c60-000042", "closedAt": T0}
+    one = C.dml_job_id("ledgerA", b, 1)
+    assert one == C.dml_job_id("ledgerA", dict(b), 1) and one.startswith("ingest_3f2c9a1b7e4d5c60-000042_a1_")
+    assert len({one, C.dml_job_id("ledgerA", b, 2), C.dml_job_id("ledgerB", b, 1),
+                C.dml_job_id("ledgerA", {**b, "closedAt": T0 + timedelta(1)}, 1)}) == 4
+    import re
+    assert re.fullmatch(r"[A-Za-z0-9_-]{1,1024}", one)
+
+
 def test_retry_backoff_is_bounded():
     assert C.retry_at(1, 3, 10, T0) == T0 + timedelta(seconds=10)
     assert C.retry_at(2, 3, 10, T0) == T0 + timedelta(seconds=20)
