@@ -81,7 +81,7 @@ class BigQuery:
         except transport.HttpError as e:
             if e.http_status != 409:
                 raise
-            ref = {"projectId": self.project, "jobId": job_id, "location": self.table(table_uri).get("location")}
+            ref = {"projectId": self.project, "jobId": job_id, "location": self._location(table_uri)}
             out.calls += 1
         r: dict[str, Any] = {}
         while not r.get("jobComplete"):
@@ -89,6 +89,14 @@ class BigQuery:
             out.calls += 1
         out.affected = int(r.get("numDmlAffectedRows") or 0)
         return out
+
+    def _location(self, table_uri: str) -> str | None:
+        """The table's location (None when it is gone: the job's own error then says so)."""
+        try:
+            location = self.table(table_uri).get("location")
+        except TableError:
+            return None
+        return str(location) if location else None
 
     def _results(self, ref: dict[str, Any], page_token: str | None) -> dict[str, Any]:
         params = {"timeoutMs": WAIT_MS, "maxResults": PAGE_ROWS, "location": ref.get("location"),
