@@ -136,7 +136,7 @@ def main() -> int:
                 api = HC(svc.url)
                 timed_export(api, svc, tiny, "bq://bench-project.bench.warmup")
                 results[label] = timed_export(api, svc, store, f"bq://bench-project.bench.{label}")
-            (dt_q, n_q, mem_q), (dt_f, n_f, mem_f) = results["quarter"], results["full"]
+            (_, n_q, mem_q), (dt_f, n_f, mem_f) = results["quarter"], results["full"]
             export_rate = n_f / dt_f
             result = {
                 "instances": n_f,

@@ -1,4 +1,4 @@
-"""Benchmark: ingest_notification against the local emulators (issue 7).
+"""Benchmark: ingest_notification against the local emulators.
 
     python bench/ingest.py [--notifications 3000] [--burst 1000] [--trickle 20] [--tick-s 60]
 

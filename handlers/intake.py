@@ -24,7 +24,6 @@ import binascii
 import hashlib
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, overload
 
@@ -41,6 +40,8 @@ from handlers.core.lazy import once
 from handlers.core.ledger import DELETE, Doc, Versioned, dataset_of
 
 if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
     from handlers.adapters.healthcare import Healthcare, TransientError
     from handlers.adapters.ledger_store import Ledger
     from handlers.adapters.pubsub import Events
@@ -56,6 +57,7 @@ class Redeliver(Exception):
 @once
 def _executor() -> ThreadPoolExecutor:
     """A few threads per instance, to publish an event while the ledger is written."""
+    from concurrent.futures import ThreadPoolExecutor
     return ThreadPoolExecutor(max_workers=8, thread_name_prefix="publish")
 
 

@@ -430,6 +430,8 @@ class _WriteBack:
 def close_aged_ingest_batches(tick: Tick) -> None:
     """Close ingest batches that aged out with no new arrivals, release tables whose export ended (after
     poll_started recorded it) and start the next batch (handlers/ingest.py). No-op without INGEST_ROUTES."""
+    if not tick.s.ingest_routes:
+        return  # nothing to import or ask for
     from handlers import ingest
 
     for key, n in ingest.close_aged_batches(tick.s, time_up=tick.time_up).items():

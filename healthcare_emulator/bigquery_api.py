@@ -711,6 +711,8 @@ class BigQueryService:
         extra = {k: v for k, v in config.items() if k in ("labels", "dryRun", "jobTimeoutMs")}
         location = ref.get("location") or "US"
         job = self._run_query(project, job_id, location, config["query"], extra, dry_run=_truthy(config.get("dryRun")))
+        if job["error"] is not None and _truthy(config.get("dryRun")):
+            raise job["error"]  # a dry run creates no job: BigQuery answers an invalid one with the HTTP error
         return _json(job["resource"])
 
     def get_job(self, request: Request, project: str, job_id: str) -> Response:

@@ -60,6 +60,7 @@ from .warehouse import (
     _check_table,
     _convert_value,
     _StagedWriter,
+    in_unnest_as_subquery,
 )
 
 FILE_COL = "__emulator_dml_file__"
@@ -380,6 +381,7 @@ class Script:
                 node.set("alias", exp.TableAlias(this=exp.to_identifier(name, quoted=True)))
         if isinstance(tree, exp.Query):
             Warehouse._name_anonymous_columns(tree)
+        in_unnest_as_subquery(tree)
         try:
             return tree.sql(dialect="duckdb"), refs
         except sqlglot.errors.SqlglotError as e:
@@ -396,6 +398,9 @@ class Script:
             if missing:
                 raise _invalid(f"Query parameter '{missing[0]}' not found")
             return {k: v for k, v in self.params.items() if k in used}
+        if len(self.statements) > 1:
+            raise _invalid("Positional query parameters (?) are not supported in multi-statement scripts by the "
+                           "local BigQuery emulator: use named parameters (@name).")
         return list(self.params)
 
     def _files_for(self, key) -> tuple[list[dict], list[str], bool]:

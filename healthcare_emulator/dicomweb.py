@@ -6,7 +6,8 @@ Instances live in the `instances` table of `state.py` (one row per SOP Instance 
 by SHA-256, so nothing the client chooses ever becomes a file name.
 
 Behaviour, and the choices made where Google's documentation is silent or could not be checked
-([U] points of the brief), briefly:
+(listed with the others in healthcare_emulator/README.md, "Choices made where the documentation
+is silent"), briefly:
 
 STOW-RS (`POST studies`, `POST studies/{study}`)
 - Bodies: `multipart/related; type="application/dicom"` (type quoted or not, or absent: parts then

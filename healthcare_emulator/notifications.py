@@ -1,7 +1,8 @@
 """DICOM store notifications, published through Google's Pub/Sub emulator (`PUBSUB_EMULATOR_HOST`).
 
 For every instance stored or deleted, one message per configured topic, in the real API's format
-(healthcare-api.md §F, and the discovery document's `DicomNotificationConfig.pubsubTopic` text):
+(Google's Pub/Sub notification documentation for DICOM stores, and the discovery document's
+`DicomNotificationConfig.pubsubTopic` text):
 
 - `notificationConfig.pubsubTopic` (legacy): data = the instance's resource name
   `projects/P/locations/L/datasets/D/dicomStores/S/dicomWeb/studies/X/series/Y/instances/Z`,

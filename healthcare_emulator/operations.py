@@ -1,15 +1,11 @@
-"""Long-running operations, and the export that runs inside one.
+"""Long-running operations: their records, counters, logs and cancellation, and their HTTP answers.
 
-An export reads the selected instances' headers (never pixel data) and maps each to a row
-(dicom_bq, pure), in chunks spread over worker processes (mapper.py) that spill the rows to temp
-files while the schema's union grows; then the chunks stream, conformed to the final schema where
-it differs from theirs, into the warehouse, which commits atomically.
-A failed or cancelled export therefore leaves the destination table exactly as it was.
+The export that runs inside an export operation is export.py's engine; this module runs it in a
+background thread and records how it ended.
 """
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import secrets
@@ -19,65 +15,27 @@ from concurrent.futures import ThreadPoolExecutor
 
 from werkzeug.wrappers import Request, Response
 
-from . import messages
-from .errors import ApiError, invalid, not_found
-
-PROJECT_RE = re.compile(r"^(?:[a-z][a-z0-9.\-]*[a-z0-9]:)?[a-z][a-z0-9\-]{4,28}[a-z0-9]$")
-DATASET_RE = re.compile(r"^[A-Za-z0-9_]{1,1024}$")
-TABLE_RE = re.compile(r"^[\w\- ]{1,1024}$")  # letters, marks, numbers, connectors, dashes, spaces
-BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._\-]{1,220}[a-z0-9]$")
-FILTER_LINE = re.compile(r"^/studies/([0-9.]{1,64})(?:/series/([0-9.]{1,64})(?:/instances/([0-9.]{1,64}))?)?$")
-CHUNK = 250  # instances a worker maps at a time
-PAGE = 1000
-
-
-def parse_table_uri(uri: str, field: str = "bigquery_destination.table_uri") -> tuple[str, str, str]:
-    """bq://PROJECT.DATASET.TABLE, split with rsplit('.', 2) so domain-scoped projects work."""
-    if not isinstance(uri, str) or not uri:
-        raise invalid(f"{field} is required and must be of the form bq://PROJECT.DATASET.TABLE", field)
-    if len(uri) > 2000:
-        raise invalid(f"{field} is longer than 2000 characters", field)
-    if not uri.startswith("bq://"):
-        raise invalid(f"{field} {uri!r} must start with bq:// (bq://PROJECT.DATASET.TABLE)", field)
-    parts = uri[5:].rsplit(".", 2)
-    if len(parts) != 3 or not all(parts):
-        raise invalid(f"{field} {uri!r} must be of the form bq://PROJECT.DATASET.TABLE", field)
-    project, dataset, table = parts
-    if not PROJECT_RE.match(project):
-        raise invalid(f"{field}: invalid project ID {project!r}", field)
-    if not DATASET_RE.match(dataset):
-        raise invalid(f"{field}: invalid dataset ID {dataset!r}: only letters, digits and underscores", field)
-    if not TABLE_RE.match(table) or table.strip() != table:
-        raise invalid(f"{field}: invalid table ID {table!r}", field)
-    return project, dataset, table
-
-
-def parse_gcs_uri(uri: str, field: str = "filter_config.resource_paths_gcs_uri") -> tuple[str, str]:
-    m = re.match(r"^gs://([^/]+)/(.+)$", uri or "")
-    if not m or not BUCKET_RE.match(m.group(1)) or ".." in m.group(1):
-        raise invalid(f"{field} {uri!r} must be of the form gs://BUCKET/OBJECT", field)
-    return m.group(1), m.group(2)
-
-
-def if_exists_for(dest: dict) -> str:
-    wd = dest.get("writeDisposition", "WRITE_DISPOSITION_UNSPECIFIED")
-    if wd == "WRITE_TRUNCATE":
-        return "truncate"
-    if wd == "WRITE_APPEND":
-        return "append"
-    if wd == "WRITE_EMPTY":
-        return "error_if_nonempty"
-    if "force" in dest:  # writeDisposition unspecified: force decides (deprecated field)
-        return "truncate" if dest["force"] else "error"
-    return "error_if_nonempty"  # neither: WRITE_DISPOSITION_UNSPECIFIED behaves as WRITE_EMPTY
-
-
-class Cancelled(Exception):
-    pass
+from . import datasets, export, messages
+from .errors import CODES, ApiError, invalid, not_found
+from .export import (  # noqa: F401 - re-exported: importers of operations keep working
+    BUCKET_RE,
+    CHUNK,
+    DATASET_RE,
+    FILTER_LINE,
+    PAGE,
+    PROJECT_RE,
+    TABLE_RE,
+    Cancelled,
+    if_exists_for,
+    parse_gcs_uri,
+    parse_table_uri,
+    read_gcs_object,
+)
+from .http_util import encode_token, json_response, now_rfc3339, page_args, read_json
+from .routing import Call
 
 
 def now() -> str:
-    from .server import now_rfc3339
     return now_rfc3339()
 
 
@@ -90,7 +48,7 @@ class Operations:
         self._lock = threading.Lock()
         self._changed = threading.Condition()
         self._warehouse = None
-        self._workers = None
+        self._workers = export.Workers(app.options.export_workers)
         for f in self.state.tmp_dir.glob("*.spill*"):
             f.unlink()
         # Exports that were running when the server stopped start again: nothing was committed.
@@ -186,12 +144,10 @@ class Operations:
             raise ApiError("UNAVAILABLE", "The service is currently unavailable (injected by the emulator).")
 
     def get_response(self, name: str) -> Response:
-        from .server import json_response
         self.maybe_fault("operations.get")
         return json_response(self.get(name))
 
     def list_response(self, request: Request, dataset: str) -> Response:
-        from .server import encode_token, json_response, page_args
         self.maybe_fault("operations.list")
         size, offset = page_args(request, default=100, maximum=100)
         flt = request.args.get("filter", "").strip()
@@ -211,7 +167,6 @@ class Operations:
         return json_response(out)
 
     def cancel_response(self, name: str) -> Response:
-        from .server import json_response
         self.maybe_fault("operations.cancel")
         op = self.get(name)
         if not op.get("done"):
@@ -222,14 +177,12 @@ class Operations:
         return json_response({})
 
     def logs_response(self, name: str) -> Response:
-        from .server import json_response
         self.get(name)
         rows = self.state.db().execute("SELECT entry FROM operation_logs WHERE operation = ? ORDER BY seq",
                                        (name,)).fetchall()
         return json_response({"operation": name, "entries": [json.loads(r["entry"]) for r in rows]})
 
     def start_export(self, request: Request, version: str, store: str, raw: object) -> Response:
-        from .server import json_response
         self.state.count(store, "export.calls")
         self.maybe_fault("export")
         body = messages.check(raw, messages.EXPORT_REQUEST_BETA if version == "v1beta1" else messages.EXPORT_REQUEST)
@@ -293,7 +246,6 @@ class Operations:
             self._finish(name, error=e.rpc_status())
         except Exception as e:  # the warehouse's errors carry a code name
             code = getattr(e, "code", "INTERNAL")
-            from .errors import CODES
             num = CODES.get(code, CODES["INTERNAL"])[0] if isinstance(code, str) else 13
             msg = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
             if num == 1:
@@ -302,7 +254,7 @@ class Operations:
                 self._finish(name, error={"code": num, "message": msg})
         else:
             def ok(b):
-                b["metadata"]["counter"] = _counter(success, failure, 0)
+                b["metadata"]["counter"] = export.counter(success, failure, 0)
             self._update(name, ok)
             self._finish(name, response={"@type": "type.googleapis.com/google.protobuf.Empty"})
         finally:
@@ -326,220 +278,26 @@ class Operations:
         ev = self._cancel_events.get(name)
         return bool(ev and ev.is_set())
 
-    def _selected(self, store: str, body: dict, name: str):
-        """Yield (blob, size, stored_at) of the instances the request selects, each once."""
-        db = self.state.db()
-        cols = "blob, size, stored_at, study, series, sop"
-        flt = body.get("filterConfig", {}).get("resourcePathsGcsUri")
-        if not flt:
-            last = ""
-            while True:
-                rows = db.execute(f"SELECT {cols} FROM instances WHERE store = ? AND sop > ? ORDER BY sop LIMIT ?",
-                                  (store, last, PAGE)).fetchall()
-                yield from rows
-                if len(rows) < PAGE:
-                    return
-                last = rows[-1]["sop"]
-        seen: set[str] = set()
-        for lineno, path in self._filter_lines(flt):
-            study, series, sop = FILTER_LINE.match(path).groups()
-            q, params = f"SELECT {cols} FROM instances WHERE store = ? AND study = ?", [store, study]
-            if series:
-                q += " AND series = ?"
-                params.append(series)
-            if sop:
-                q += " AND sop = ?"
-                params.append(sop)
-            found = False
-            last = ""
-            while True:
-                rows = db.execute(q + " AND sop > ? ORDER BY sop LIMIT ?", (*params, last, PAGE)).fetchall()
-                for r in rows:
-                    found = True
-                    if r["sop"] not in seen:
-                        seen.add(r["sop"])
-                        yield r
-                if len(rows) < PAGE:
-                    break
-                last = rows[-1]["sop"]
-            if not found:
-                self.log(name, "ERROR", f"{store}/dicomWeb{path}", 5,
-                         f"filter line {lineno}: resource path {path} matches no instance in the store")
-                yield None  # counted as a failure
-
-    def _filter_lines(self, uri: str):
-        bucket, obj = parse_gcs_uri(uri)
-        data = read_gcs_object(bucket, obj)
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise invalid(f"filter file {uri} is not UTF-8 text", "filter_config.resource_paths_gcs_uri") from None
-        lines = []
-        for i, line in enumerate(text.splitlines(), 1):
-            line = line.strip()
-            if not line:
-                continue
-            if not FILTER_LINE.match(line):
-                raise invalid(f"filter file {uri}, line {i}: {line[:200]!r} is not a resource path of the form "
-                              "/studies/UID[/series/UID[/instances/UID]]", "filter_config.resource_paths_gcs_uri")
-            lines.append((i, line))
-        return lines
-
-    def _pool(self):
-        """Worker processes for the export's CPU-bound first pass (None: map in the export thread)."""
-        workers = self.app.options.export_workers
-        if workers is None:
-            workers = os.cpu_count() or 1
-        if workers <= 1:
-            return None
-        with self._lock:
-            if self._workers is None:
-                import multiprocessing
-                from concurrent.futures import ProcessPoolExecutor
-                self._workers = ProcessPoolExecutor(max_workers=workers,
-                                                    mp_context=multiprocessing.get_context("spawn"))
-            return self._workers
-
     def _export(self, name: str, store: str, body: dict, spill) -> tuple[int, int]:
-        from . import dicom_bq, mapper
-        from .warehouse import WarehouseError
-
-        dest = body["bigqueryDestination"]
-        project, dataset, table = parse_table_uri(dest["tableUri"])
-        if_exists = if_exists_for(dest)
-        as_json = "schemaJson" in dest
-        source = store if dest.get("includeSourceStore") else None
-        wh = self.warehouse
-        wh.get_dataset(project, dataset)  # a missing dataset fails here, before any work
-        existing = wh.get_table(project, dataset, table)
-        if existing is not None:
-            if if_exists == "error":
-                raise ApiError("ALREADY_EXISTS", f"Destination table {dest['tableUri']} already exists and force "
-                                                 "is false; set force or a writeDisposition.")
-            if if_exists == "error_if_nonempty" and existing.get("numRows", 0) > 0:
-                raise ApiError("FAILED_PRECONDITION", f"Destination table {dest['tableUri']} is not empty; "
-                                                      "WRITE_EMPTY only exports into an empty table.")
         rate = self.app.options.export_instances_per_s
-        ev = self._cancel_events.get(name) or threading.Event()
-        pool = None if rate else self._pool()
-        chunk_size = 1 if rate else CHUNK
-        counts = {"success": 0, "failure": 0}
-
-        if body.get("filterConfig"):
-            selected = list(self._selected(store, body, name))
-            total = len(selected)
-        else:
-            total = self.state.db().execute("SELECT COUNT(*) FROM instances WHERE store = ?", (store,)).fetchone()[0]
-            selected = self._selected(store, body, name)
-
-        def progress():
-            pending = max(total - counts["success"] - counts["failure"], 0)
-            self._update(name, lambda b: b["metadata"].__setitem__(
-                "counter", _counter(counts["success"], counts["failure"], pending)))
-
-        def chunks():
-            """Chunks of (blob path, size, stored_at, resource); a filter path naming nothing is a failure."""
-            chunk = []
-            for r in selected:
-                if r is None:
-                    counts["failure"] += 1
-                    continue
-                chunk.append((str(self.state.blob_path(r["blob"])), r["size"], r["stored_at"],
-                              f"{store}/dicomWeb/studies/{r['study']}/series/{r['series']}/instances/{r['sop']}"))
-                if len(chunk) >= chunk_size:
-                    yield chunk
-                    chunk = []
-            if chunk:
-                yield chunk
-
-        schema: list = dicom_bq.JSON_SCHEMA(bool(source)) if as_json else []
-        parts: list[tuple[str, list, bool]] = []  # (spill file, chunk schema, conflict within the chunk)
-
-        def collect(spill_path: str, result: dict) -> None:
-            nonlocal schema
-            counts["success"] += result["success"]
-            counts["failure"] += len(result["failed"])
-            self.log_many(name, [("ERROR", res, 3, msg) for res, msg in result["failed"]] +
-                          [("WARNING", res, 3, msg) for res, msg in result["issues"]])
-            if not as_json:
-                schema = dicom_bq.union_schemas(schema, result["schema"])
-            parts.append((spill_path, result["schema"], result["conflict"]))
-            progress()
-
-        progress()
-        in_flight: list = []
-        try:
-            for i, chunk in enumerate(chunks()):
-                if ev.is_set():
-                    raise Cancelled()
-                if rate and ev.wait(1.0 / rate):
-                    raise Cancelled()
-                path = f"{spill}.{i}"
-                if pool is None:
-                    collect(path, mapper.map_chunk(chunk, path, as_json, source))
-                    continue
-                in_flight.append((path, pool.submit(mapper.map_chunk, chunk, path, as_json, source)))
-                while len(in_flight) >= 2 * (os.cpu_count() or 2):  # bounded: memory does not grow with the store
-                    p, fut = in_flight.pop(0)
-                    collect(p, fut.result())
-            while in_flight:
-                if ev.is_set():
-                    raise Cancelled()
-                p, fut = in_flight.pop(0)
-                collect(p, fut.result())
-        finally:
-            for _, fut in in_flight:
-                fut.cancel()
-
-        if not schema:  # nothing exported: keep the table's columns, or create it with the key columns
-            schema = existing["schema"] if existing is not None else [
-                {"name": k, "type": "STRING", "mode": "NULLABLE"}
-                for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
-        if existing is not None and if_exists == "append" and not as_json:
-            schema = dicom_bq.union_schemas(existing["schema"], schema, prefer="left")
-
-        def batches():
-            for path, chunk_schema, conflict in parts:
-                rows = mapper.load_chunk(path)
-                if not as_json and (conflict or not mapper.fits(schema, chunk_schema)):
-                    rows = [dicom_bq.conform_row(r, schema) for r in rows]
-                yield rows
-                os.unlink(path)
-
-        try:
-            wh.write_table(project, dataset, table, schema, batches(), if_exists=if_exists, cancelled=ev.is_set)
-        except WarehouseError as e:
-            if e.code == "CANCELLED":
-                raise Cancelled() from None
-            raise ApiError(e.code if e.code in ("NOT_FOUND", "ALREADY_EXISTS", "INVALID_ARGUMENT",
-                                                "FAILED_PRECONDITION") else "INTERNAL", e.message) from None
-        return counts["success"], counts["failure"]
+        job = export.Job(name=name, store=store, body=body, spill=spill, state=self.state,
+                         warehouse=self.warehouse, cancel=self._cancel_events.get(name) or threading.Event(),
+                         rate=rate, pool=None if rate else self._workers.get(), log_many=self.log_many,
+                         set_counter=lambda c: self._update(name, lambda b: b["metadata"].__setitem__("counter", c)))
+        return export.run(job)
 
 
-def _counter(success: int, failure: int, pending: int) -> dict:
-    c = {"success": str(success)}
-    if failure:
-        c["failure"] = str(failure)
-    if pending:
-        c["pending"] = str(pending)
-    return c
+# -- route handlers (server.py's table) --------------------------------------------------------------
+def get_operation(app, call: Call) -> Response:
+    return app.operations.get_response(call.name)
 
 
-def read_gcs_object(bucket: str, obj: str) -> bytes:
-    """Read a filter file through google-cloud-storage (STORAGE_EMULATOR_HOST locally)."""
-    if not os.environ.get("STORAGE_EMULATOR_HOST"):
-        raise ApiError("FAILED_PRECONDITION", f"Cannot read gs://{bucket}/{obj}: the emulator has no Cloud Storage "
-                                              "endpoint; set STORAGE_EMULATOR_HOST.")
-    from google.api_core import exceptions as gexc
-    from google.auth.credentials import AnonymousCredentials
-    from google.cloud import storage
+def list_operations(app, call: Call) -> Response:
+    dataset = call.name.rsplit("/", 1)[0]
+    datasets.require(app.state, dataset)
+    return app.operations.list_response(call.request, dataset)
 
-    client = storage.Client(project="emulator", credentials=AnonymousCredentials())
-    try:
-        return client.bucket(bucket).blob(obj).download_as_bytes()
-    except gexc.NotFound:
-        raise ApiError("NOT_FOUND", f"Failed to read filter file gs://{bucket}/{obj}: the bucket or object does "
-                                    "not exist, or the Cloud Healthcare Service Agent lacks "
-                                    "roles/storage.objectViewer on it.") from None
-    except gexc.GoogleAPIError as e:
-        raise ApiError("FAILED_PRECONDITION", f"Failed to read filter file gs://{bucket}/{obj}: {e}") from None
+
+def cancel_operation(app, call: Call) -> Response:
+    messages.check(read_json(call.request), messages.CANCEL)
+    return app.operations.cancel_response(call.name)

@@ -5,55 +5,46 @@ anything touches state, so no client-chosen string ever reaches the filesystem.
 """
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import os
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
 from werkzeug.wrappers import Request, Response
 
-from . import messages
-from .errors import ApiError, invalid, not_found
+from . import datasets, dicom_stores
+from .errors import ApiError, invalid
+from .http_util import (  # noqa: F401 - re-exported: importers of server keep working
+    MAX_JSON_BODY,
+    encode_token,
+    json_response,
+    like_prefix,
+    now_rfc3339,
+    page_args,
+    read_json,
+)
+from .ids import ID_RE, LABEL_KEY_RE, LABEL_VALUE_RE, LOCATION_RE, PROJECT_RE  # noqa: F401 - re-exported
+from .operations import Operations, cancel_operation, get_operation, list_operations
+from .routing import RouteTable, route
 from .state import State
 
 log = logging.getLogger("healthcare_emulator")
 
-ID_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,256}$")
-PROJECT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.\-]{0,127}$")
-LOCATION_RE = re.compile(r"^[a-z0-9][a-z0-9\-]{0,62}$")
-LABEL_KEY_RE = re.compile(r"^[\w\-]{1,63}$")
-LABEL_VALUE_RE = re.compile(r"^[\w\-]{0,63}$")
-
-SEG = r"([^/:]+)"
-DATASETS = re.compile(rf"^projects/{SEG}/locations/{SEG}/datasets$")
-DATASET = re.compile(rf"^projects/{SEG}/locations/{SEG}/datasets/{SEG}$")
-STORES = re.compile(rf"^projects/{SEG}/locations/{SEG}/datasets/{SEG}/dicomStores$")
-STORE = re.compile(rf"^projects/{SEG}/locations/{SEG}/datasets/{SEG}/dicomStores/{SEG}(:export)?$")
-DICOMWEB = re.compile(rf"^projects/{SEG}/locations/{SEG}/datasets/{SEG}/dicomStores/{SEG}/dicomWeb(?:/(.*))?$")
-OPERATIONS = re.compile(rf"^projects/{SEG}/locations/{SEG}/datasets/{SEG}/operations$")
-OPERATION = re.compile(rf"^projects/{SEG}/locations/{SEG}/datasets/{SEG}/operations/{SEG}(:cancel)?$")
-
-MAX_JSON_BODY = 10 * 1024 * 1024
-
-
-def now_rfc3339() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-def _check_ids(match: re.Match) -> tuple[str, ...]:
-    parts = match.groups()
-    project, location, *rest = [p for p in parts if p is not None and not p.startswith(":")]
-    if not PROJECT_RE.match(project) or project in (".", ".."):
-        raise invalid(f"Invalid project ID {project!r}.", "name")
-    if not LOCATION_RE.match(location):
-        raise invalid(f"Invalid location {location!r}.", "name")
-    for r in rest:
-        if not ID_RE.match(r) or r in (".", ".."):
-            raise invalid(f"Invalid resource ID {r!r}: it must match [A-Za-z0-9_.-]{{1,256}}.", "name")
-    return (project, location, *rest)
+# The REST surface below the version prefix: (path template, method) -> handler(app, call).
+# Templates and their matching rules: routing.py. The first template that matches wins.
+D = "projects/{project}/locations/{location}/datasets/{dataset}"
+ROUTES = RouteTable([
+    route(D + "/dicomStores/{dicomStore}/dicomWeb{path*}", ANY=dicom_stores.dicomweb),
+    route("projects/{project}/locations/{location}/datasets", GET=datasets.list_datasets, POST=datasets.create),
+    route(D, GET=datasets.get, DELETE=datasets.delete),
+    route(D + "/dicomStores", GET=dicom_stores.list_stores, POST=dicom_stores.create),
+    route(D + "/dicomStores/{dicomStore}", GET=dicom_stores.get, PATCH=dicom_stores.patch,
+          DELETE=dicom_stores.delete),
+    route(D + "/dicomStores/{dicomStore}:export", POST=dicom_stores.export),
+    route(D + "/operations", GET=list_operations),
+    route(D + "/operations/{operation}", GET=get_operation),
+    route(D + "/operations/{operation}:cancel", POST=cancel_operation),
+])
 
 
 @dataclass
@@ -71,8 +62,6 @@ class Options:
 
 class App:
     def __init__(self, data_dir, options: Options | None = None):
-        from .operations import Operations  # local: keeps the import graph one-way
-
         self.options = options or Options()
         self.state = State(data_dir)
         self.operations = Operations(self)
@@ -113,6 +102,9 @@ class App:
             return self.operations.logs_response(path[len("/logs/"):])
         if path.startswith("/emulator/"):
             return self.emulator_endpoint(request, path[len("/emulator/"):])
+        if path == "/console" or path.startswith("/console/"):  # the web console (README, "The web console"):
+            from .console.entry import handle as console  # a client of this app's own REST surface
+            return console(self, request)
         if path.startswith(("/bigquery/", "/discovery/", "/$discovery/")):  # $discovery: bq --api=URL
             from . import bigquery_api  # the BigQuery REST surface over the same warehouse
             return bigquery_api.handle(self, request)
@@ -134,208 +126,13 @@ class App:
                            "access token, login cookie or other valid authentication credential.")
 
     def route(self, request: Request, version: str, rest: str) -> Response:
-        method = request.method
-        if m := DICOMWEB.match(rest):
-            p, l, d, s, sub = m.groups()
-            _check_ids(DICOMWEB.match(f"projects/{p}/locations/{l}/datasets/{d}/dicomStores/{s}/dicomWeb"))
-            store = f"projects/{p}/locations/{l}/datasets/{d}/dicomStores/{s}"
-            self.require_store(store)
-            from . import dicomweb
-            return dicomweb.handle(self, store, method, (sub or "").strip("/"), request)
-        if m := DATASETS.match(rest):
-            p, l = _check_ids(m)
-            parent = f"projects/{p}/locations/{l}"
-            if method == "POST":
-                return self.create_dataset(request, version, parent)
-            if method == "GET":
-                return self.list_resources(request, "datasets", "parent", parent, "datasets")
-        elif m := DATASET.match(rest):
-            p, l, d = _check_ids(m)
-            name = f"projects/{p}/locations/{l}/datasets/{d}"
-            if method == "GET":
-                return json_response(self.require_dataset(name))
-            if method == "DELETE":
-                return self.delete_dataset(name)
-        elif m := STORES.match(rest):
-            p, l, d = _check_ids(m)
-            dataset = f"projects/{p}/locations/{l}/datasets/{d}"
-            if method == "POST":
-                return self.create_store(request, dataset)
-            if method == "GET":
-                self.require_dataset(dataset)
-                return self.list_resources(request, "stores", "dataset", dataset, "dicomStores")
-        elif m := STORE.match(rest):
-            p, l, d, s = _check_ids(m)
-            name = f"projects/{p}/locations/{l}/datasets/{d}/dicomStores/{s}"
-            if m.group(5):  # :export
-                if method == "POST":
-                    return self.operations.start_export(request, version, name, read_json(request))
-            elif method == "GET":
-                return json_response(self.require_store(name))
-            elif method == "PATCH":
-                return self.patch_store(request, name)
-            elif method == "DELETE":
-                return self.delete_store(name)
-        elif m := OPERATIONS.match(rest):
-            p, l, d = _check_ids(m)
-            dataset = f"projects/{p}/locations/{l}/datasets/{d}"
-            if method == "GET":
-                self.require_dataset(dataset)
-                return self.operations.list_response(request, dataset)
-        elif m := OPERATION.match(rest):
-            p, l, d, o = _check_ids(m)
-            name = f"projects/{p}/locations/{l}/datasets/{d}/operations/{o}"
-            if m.group(5):  # :cancel
-                if method == "POST":
-                    messages.check(read_json(request), messages.CANCEL)
-                    return self.operations.cancel_response(name)
-            elif method == "GET":
-                return self.operations.get_response(name)
-        else:
-            raise ApiError("NOT_FOUND", f"The requested URL /{version}/{rest} was not found on this server.")
-        raise ApiError("NOT_FOUND", f"Method {method} is not supported on /{version}/{rest}.", http=405)
+        return ROUTES.dispatch(self, request, version, rest)
 
-    # -- datasets ------------------------------------------------------------------------------
     def require_dataset(self, name: str) -> dict:
-        ds = self.state.get_json("datasets", name)
-        if ds is None:
-            raise not_found(f"dataset not found: {name}")
-        return ds
+        return datasets.require(self.state, name)
 
-    def create_dataset(self, request: Request, version: str, parent: str) -> Response:
-        dataset_id = request.args.get("datasetId", "")
-        if not dataset_id:
-            raise invalid("datasetId is required", "dataset_id")
-        if not ID_RE.match(dataset_id) or dataset_id in (".", ".."):
-            raise invalid(f"invalid dataset ID {dataset_id!r}: it must match [A-Za-z0-9_.-]{{1,256}}", "dataset_id")
-        body = messages.check(read_json(request), messages.DATASET)
-        name = f"{parent}/datasets/{dataset_id}"
-        resource = {"name": name, "timeZone": body.get("timeZone", "UTC")}
-        if "encryptionSpec" in body:
-            resource["encryptionSpec"] = body["encryptionSpec"]
-        with self.state.tx() as db:
-            if db.execute("SELECT 1 FROM datasets WHERE name = ?", (name,)).fetchone():
-                raise ApiError("ALREADY_EXISTS", f"already exists: {name}")
-            db.execute("INSERT INTO datasets VALUES (?, ?, ?)", (name, parent, json.dumps(resource)))
-        # datasets.create is a long-running operation that is done at once.
-        op = self.operations.finished(name, version, "google.cloud.healthcare.{v}.dataset.DatasetService.CreateDataset",
-                                      {"@type": f"type.googleapis.com/google.cloud.healthcare.{version}.Dataset",
-                                       **resource})
-        return json_response(op)
-
-    def delete_dataset(self, name: str) -> Response:
-        self.require_dataset(name)
-        with self.state.write_lock:  # held until the files are gone: no STOW may reuse a blob meanwhile
-            with self.state.tx() as db:
-                shas = {r["blob"] for r in db.execute(
-                    "SELECT DISTINCT blob FROM instances WHERE store LIKE ? ESCAPE '\\'", (like_prefix(name + "/"),))}
-                db.execute("DELETE FROM instances WHERE store LIKE ? ESCAPE '\\'", (like_prefix(name + "/"),))
-                db.execute("DELETE FROM stores WHERE dataset = ?", (name,))
-                db.execute("DELETE FROM operation_logs WHERE operation LIKE ? ESCAPE '\\'",
-                           (like_prefix(name + "/"),))
-                db.execute("DELETE FROM operations WHERE dataset = ?", (name,))
-                db.execute("DELETE FROM datasets WHERE name = ?", (name,))
-            self.state.drop_unreferenced_blobs(shas)
-        return json_response({})
-
-    # -- DICOM stores ---------------------------------------------------------------------------
     def require_store(self, name: str) -> dict:
-        store = self.state.get_json("stores", name)
-        if store is None:
-            raise not_found(f"DICOM store not found: {name}")
-        return store
-
-    def _check_store_body(self, body: dict) -> None:
-        labels = body.get("labels", {})
-        if len(labels) > 64:
-            raise invalid("A DICOM store can have at most 64 labels.", "labels")
-        for k, v in labels.items():
-            if not LABEL_KEY_RE.match(k) or not k[0].islower():
-                raise invalid(f"Invalid label key {k!r}: keys are 1-63 characters, start with a lowercase letter, "
-                              "and contain only lowercase letters, digits, '_' and '-'.", "labels")
-            if not LABEL_VALUE_RE.match(v):
-                raise invalid(f"Invalid label value for {k!r}: values are 0-63 characters of lowercase letters, "
-                              "digits, '_' and '-'.", "labels")
-        topics = [body.get("notificationConfig", {}).get("pubsubTopic")] + \
-                 [c.get("pubsubTopic") for c in body.get("notificationConfigs", [])]
-        for t in topics:
-            if t and not re.match(r"^projects/[^/]+/topics/[^/]+$", t):
-                raise invalid(f"Invalid Pub/Sub topic {t!r}: it must be projects/PROJECT/topics/TOPIC.",
-                              "notification_config.pubsub_topic")
-        if any(topics) and self.notifier is None:
-            log.warning("notifications to %s will not be sent: set PUBSUB_EMULATOR_HOST to publish them "
-                        "through Google's Pub/Sub emulator", ", ".join(t for t in topics if t))
-        for i, sc in enumerate(body.get("streamConfigs", [])):
-            from .operations import parse_table_uri
-            parse_table_uri(sc.get("bigqueryDestination", {}).get("tableUri", ""),
-                            f"stream_configs[{i}].bigquery_destination.table_uri")
-
-    def create_store(self, request: Request, dataset: str) -> Response:
-        self.require_dataset(dataset)
-        store_id = request.args.get("dicomStoreId", "")
-        if not store_id:
-            raise invalid("dicomStoreId is required", "dicom_store_id")
-        if not ID_RE.match(store_id) or store_id in (".", ".."):
-            raise invalid(f"invalid DICOM store ID {store_id!r}: it must match [A-Za-z0-9_.-]{{1,256}}",
-                          "dicom_store_id")
-        body = messages.check(read_json(request), messages.DICOM_STORE)
-        self._check_store_body(body)
-        name = f"{dataset}/dicomStores/{store_id}"
-        resource = {"name": name, **{k: v for k, v in body.items() if k != "name"}}
-        with self.state.tx() as db:
-            if db.execute("SELECT 1 FROM stores WHERE name = ?", (name,)).fetchone():
-                raise ApiError("ALREADY_EXISTS", f"already exists: {name}")
-            db.execute("INSERT INTO stores VALUES (?, ?, ?)", (name, dataset, json.dumps(resource)))
-        return json_response(resource)
-
-    def patch_store(self, request: Request, name: str) -> Response:
-        mask = [f for f in request.args.get("updateMask", "").split(",") if f]
-        if not mask:
-            raise invalid("updateMask is required", "update_mask")
-        body = messages.check(read_json(request), messages.DICOM_STORE)
-        allowed = {"labels", "notificationConfig", "notificationConfigs", "streamConfigs"}
-        fields = []
-        for f in mask:
-            camel = re.sub(r"_([a-z])", lambda x: x.group(1).upper(), f.strip())
-            if camel not in allowed:
-                raise invalid(f"Invalid update_mask path {f!r}.", "update_mask")
-            fields.append(camel)
-        self._check_store_body(body)
-        with self.state.tx() as db:
-            row = db.execute("SELECT body FROM stores WHERE name = ?", (name,)).fetchone()
-            if row is None:
-                raise not_found(f"DICOM store not found: {name}")
-            resource = json.loads(row["body"])
-            for f in fields:
-                if f in body:
-                    resource[f] = body[f]
-                else:
-                    resource.pop(f, None)
-            db.execute("UPDATE stores SET body = ? WHERE name = ?", (json.dumps(resource), name))
-        return json_response(resource)
-
-    def delete_store(self, name: str) -> Response:
-        with self.state.write_lock:  # held until the files are gone: no STOW may reuse a blob meanwhile
-            with self.state.tx() as db:
-                if not db.execute("SELECT 1 FROM stores WHERE name = ?", (name,)).fetchone():
-                    raise not_found(f"DICOM store not found: {name}")
-                shas = {r["blob"] for r in db.execute("SELECT DISTINCT blob FROM instances WHERE store = ?",
-                                                      (name,))}
-                db.execute("DELETE FROM instances WHERE store = ?", (name,))
-                db.execute("DELETE FROM stores WHERE name = ?", (name,))
-            self.state.drop_unreferenced_blobs(shas)
-        return json_response({})
-
-    # -- listing with pages -----------------------------------------------------------------------
-    def list_resources(self, request: Request, table: str, key: str, value: str, field_name: str) -> Response:
-        size, offset = page_args(request, default=100, maximum=1000)
-        rows = self.state.db().execute(
-            f"SELECT body FROM {table} WHERE {key} = ? ORDER BY name LIMIT ? OFFSET ?",
-            (value, size + 1, offset)).fetchall()
-        out = {field_name: [json.loads(r["body"]) for r in rows[:size]]}
-        if len(rows) > size:
-            out["nextPageToken"] = encode_token(offset + size)
-        return json_response(out)
+        return dicom_stores.require(self.state, name)
 
     # -- emulator-only endpoints ----------------------------------------------------------------
     def emulator_endpoint(self, request: Request, rest: str) -> Response:
@@ -348,50 +145,6 @@ class App:
                 raise invalid("timeout must be a number of seconds", "timeout") from None
             return json_response(self.operations.wait(rest[len("wait/"):], timeout))
         raise ApiError("NOT_FOUND", f"unknown emulator endpoint /emulator/{rest}")
-
-
-# -- small shared helpers ----------------------------------------------------------------------------
-def json_response(body, status: int = 200) -> Response:
-    return Response(json.dumps(body, indent=2) + "\n", status=status,
-                    content_type="application/json; charset=UTF-8")
-
-
-def read_json(request: Request):
-    if request.content_length and request.content_length > MAX_JSON_BODY:
-        raise ApiError("INVALID_ARGUMENT", "Request payload size exceeds the limit.", http=413)
-    raw = request.get_data(cache=True)
-    if not raw.strip():
-        return {}
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError("INVALID_ARGUMENT", f"Invalid JSON payload received. {e}") from None
-
-
-def like_prefix(prefix: str) -> str:
-    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-
-
-def encode_token(offset: int) -> str:
-    return base64.urlsafe_b64encode(json.dumps({"o": offset}).encode()).decode().rstrip("=")
-
-
-def page_args(request: Request, *, default: int, maximum: int) -> tuple[int, int]:
-    try:
-        size = int(request.args.get("pageSize") or default)
-    except ValueError:
-        raise invalid("pageSize must be an integer", "page_size") from None
-    if size < 0:
-        raise invalid("pageSize must not be negative", "page_size")
-    size = min(size or default, maximum)
-    token = request.args.get("pageToken", "")
-    offset = 0
-    if token:
-        try:
-            offset = int(json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))["o"])
-        except Exception:
-            raise invalid("Invalid page token.", "page_token") from None
-    return size, max(offset, 0)
 
 
 def create_app(data_dir, options: Options | None = None) -> App:

@@ -197,6 +197,8 @@ LIMIT 10;"""
             print(f"  rows: {before} -> {after}")
         with step("ingest: a routed store's deletion and replacement reflected in its table"):
             demo_ingest.run(hc, dataset, bq)
+        print(f"\nweb console: {hc}/console (Datasets, Export, Operations, BigQuery, Service); the demo stops it now:"
+              "\n  `make up` keeps the stack running, its console at <healthcare URL>/console (`make down` stops it)")
         print("\ndemo finished: every step passed")
         return 0
     except StepFailed as e:

@@ -14,6 +14,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stack import console
 from stack.services import (
     ROOT,
     Service,
@@ -58,7 +59,8 @@ class Stack:
         self.firestore = self._start(firestore_emulator(self.logs), 120)
         self.gcs = self._start(gcs_emulator(self.logs, self.root / "gcs"), 30)
         self.hc = self._start(healthcare_emulator(self.logs, self.root / "healthcare", env={
-            "PUBSUB_EMULATOR_HOST": self.pubsub.host_port, "STORAGE_EMULATOR_HOST": self.gcs.url}), 30)
+            "PUBSUB_EMULATOR_HOST": self.pubsub.host_port, "STORAGE_EMULATOR_HOST": self.gcs.url,
+            **console.emulator_env(self.firestore.host_port, PROJECT)}), 30)
         os.environ.update(self.client_env())
         self._topics()
         self.say("starting the functions under functions-framework ...")
@@ -123,6 +125,8 @@ class Stack:
             self.publisher.create_topic(name=self.topic(t))
         self.subscriber.create_subscription(name=self.subscription(WATCH_SUB), topic=self.topic(EVENTS_TOPIC),
                                             ack_deadline_seconds=60)
+        self.subscriber.create_subscription(name=self.subscription(console.EVENTS_SUBSCRIPTION),  # the web console's
+                                            topic=self.topic(EVENTS_TOPIC), ack_deadline_seconds=60)
 
     def _push(self, topic: str, endpoint: str, name: str) -> None:
         self.subscriber.create_subscription(request={

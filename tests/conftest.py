@@ -14,7 +14,7 @@ from tests.support import procs
 
 def _require(binary: str) -> None:
     if shutil.which(binary) is None:
-        pytest.fail(f"{binary} is not on PATH: the test suite needs it (see README, 'Tests')", pytrace=False)
+        pytest.fail(f"{binary} is not on PATH: the test suite needs it (see README.md)", pytrace=False)
 
 
 @pytest.fixture(scope="session")

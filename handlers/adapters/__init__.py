@@ -1,1 +1,2 @@
-"""One small module per external system. Each imports its Google client lazily, on first use."""
+"""One module per external system, reached over REST through transport.py. Adapters read no settings:
+handlers/wiring.py builds them and passes what they need."""

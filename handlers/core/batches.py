@@ -68,3 +68,5 @@ def arrival_id(resource: str, kind: str, version: str) -> str:
 def filter_text(paths: list[str]) -> str:
     """A batch's filter file: one instance path a line."""
     return "".join(p + "\n" for p in paths)
+
+

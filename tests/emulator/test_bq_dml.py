@@ -7,6 +7,8 @@ or with a DICOM export, then changed with `client.query(DML).result()` / `client
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import threading
 
 import pydicom
@@ -316,3 +318,58 @@ def test_dml_and_an_export_of_the_same_table_both_apply(emu, bq, ds, tmp_path):
     uids = [r.SOPInstanceUID for r in bq.query_and_wait(f"SELECT SOPInstanceUID FROM `{t}`")]
     b_uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in second]
     assert sorted(uids) == sorted(a_uids + 3 * b_uids)
+
+
+def test_a_dry_run_of_dml_reports_the_statement_and_changes_nothing(bq, ds):
+    t = f"{ds}.t"
+    fill(bq, t, 1, 10)
+    job = bq.query(f"DELETE FROM `{t}` WHERE k > 5", job_config=bigquery.QueryJobConfig(dry_run=True))
+    assert job.statement_type == "DELETE" and job.num_dml_affected_rows is None
+    assert ks(bq, t) == list(range(1, 11))
+    with pytest.raises(gexc.NotFound, match="missing"):
+        bq.query(f"DELETE FROM `{ds}.missing` WHERE true", job_config=bigquery.QueryJobConfig(dry_run=True))
+
+
+def test_the_bq_cli_runs_dml_and_prints_the_affected_rows(emu, bq, ds, tmp_path):
+    t = f"{ds}.t"
+    fill(bq, t, 1, 10)
+    token = tmp_path / "token"
+    token.write_text("dummy-token\n")
+    (tmp_path / "config").mkdir()
+    env = {**os.environ, "CLOUDSDK_CONFIG": str(tmp_path / "config"), "CLOUDSDK_AUTH_ACCESS_TOKEN_FILE": str(token),
+           "CLOUDSDK_CORE_DISABLE_PROMPTS": "1", "CLOUDSDK_CORE_DISABLE_USAGE_REPORTING": "true",
+           "CLOUDSDK_COMPONENT_MANAGER_DISABLE_UPDATE_CHECK": "true"}
+    r = subprocess.run(["bq", f"--api={emu.url}", f"--project_id={PROJECT}", "query", "--nouse_legacy_sql",
+                        f"DELETE FROM `{t}` WHERE k <= 3"], env=env, capture_output=True, text=True, timeout=180,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Number of affected rows: 3" in " ".join((r.stdout + r.stderr).split())
+    assert ks(bq, t) == list(range(4, 11))
+
+
+def test_concurrent_dml_jobs_on_one_table_are_serialised_and_all_apply(bq, ds):
+    """Five jobs at once on one table (whose results do not depend on their order): every one applies."""
+    t = f"{ds}.t"
+    fill(bq, t, 1, 400)
+    barrier = threading.Barrier(5)
+    counts: dict[str, int | None] = {}
+
+    def run(name: str, sql: str):
+        barrier.wait()
+        job = bq.query(sql)
+        job.result()
+        counts[name] = job.num_dml_affected_rows
+
+    jobs = {f"delete{i}": f"DELETE FROM `{t}` WHERE k <= 400 AND MOD(k, 4) = {i}" for i in range(3)}
+    jobs["insert"] = (f"INSERT INTO `{t}` (SOPInstanceUID, StudyInstanceUID, k) "
+                      "SELECT CONCAT('9.', CAST(k AS STRING)), 'x', k FROM UNNEST(GENERATE_ARRAY(1001, 1050)) AS k")
+    jobs["script"] = (f"BEGIN; DELETE FROM `{t}` WHERE k = 400; "
+                      f"INSERT INTO `{t}` (SOPInstanceUID, k) VALUES ('z', 2000); COMMIT;")
+    threads = [threading.Thread(target=run, args=item) for item in jobs.items()]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert counts["insert"] == 50 and counts["delete1"] == counts["delete2"] == 100
+    assert counts["delete0"] in (99, 100)  # k = 400 is the script's too: whichever ran first deleted it
+    assert ks(bq, t) == [k for k in range(1, 401) if k % 4 == 3] + list(range(1001, 1051)) + [2000]

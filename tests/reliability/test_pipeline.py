@@ -90,8 +90,8 @@ def test_api_faults_lose_nothing_and_never_export_twice(pipeline):
 
 def test_ambiguous_500_after_the_export_started_is_resolved_without_a_second_export(pipeline):
     """Half of the export calls answer 500 although the export started: the intake finds its operation again
-    with operations.list. One request per Healthcare dataset, the case it can always resolve (see README,
-    Limits, for several ambiguous calls at once in one dataset)."""
+    with operations.list. One request per Healthcare dataset, the case it can always resolve (see
+    docs/reliability.md, "Limits", for several ambiguous calls at once in one dataset)."""
     n = SIZES["fault_requests"]
     p = pipeline("--fault", "export.started=0.5", env={"HEALTHCARE_RETRY_BUDGET_S": "5", "INTAKE_LEASE_S": "8"})
     stores = [p.store() for _ in range(n)]  # each HC.store() makes its own dataset
@@ -156,7 +156,7 @@ def test_killed_intake_or_poller_loses_nothing(pipeline):
     assert out["duplicates_with_other_eventId"] == 0 and out["duplicates_with_other_bytes"] == 0
     # Never a second export: at most one export per request, and no operation reported for two requests.
     assert len(ops) == len(set(ops)) and len(ops) <= c.get("export", 0) <= len(all_rids)
-    # The only failure is the documented one (README, Limits): interrupted export calls of one dataset
+    # The only failure is the documented one (docs/reliability.md, "Limits"): interrupted export calls of one dataset
     # that cannot be told apart end EXPORT_FAILED with code 10 rather than risk exporting twice.
     assert len(ops) + len(ambiguous) == len(all_rids), out["terminal_types"]
 

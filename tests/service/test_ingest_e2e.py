@@ -1,4 +1,4 @@
-"""Ingest end to end on the local stack (issue 7's tests): real DICOM instances STOWed into a Healthcare
+"""Ingest end to end on the local stack: real DICOM instances STOWed into a Healthcare
 emulator store whose notifications feed ingest_notification over a Pub/Sub push subscription; batches go
 through the real intake and poller processes; rows are counted in the emulator's BigQuery warehouse.
 Nothing is mocked and nothing waits on a fixed sleep: every wait is a condition with a deadline."""

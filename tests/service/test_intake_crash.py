@@ -1,5 +1,6 @@
-"""Crash windows (README-intake.md, "Reliability"): the process dies between two steps, Pub/Sub
-redelivers, and the request ends with exactly one export and its event.
+"""Crash windows (docs/reliability.md, "Reliability: what happens when the intake dies between two steps"):
+the process dies between two steps, Pub/Sub redelivers, and the request ends with exactly one export and
+its event.
 
 The first test really kills the function (SIGKILL) while its export call is in flight; the others
 leave the ledger exactly as a process that died at that step would have, then deliver the request."""

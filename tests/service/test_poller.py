@@ -1,6 +1,6 @@
 """The poller's outcomes, one tick at a time: the handler's code runs in-process against Google's Firestore
 and Pub/Sub emulators and the Healthcare emulator, over sockets. Events are pulled from the events topic and
-checked field by field against the contract (§2); logs are read as the JSON lines Cloud Logging parses."""
+checked field by field against the contract (docs/contract.md, "Events"); logs are read as the JSON lines Cloud Logging parses."""
 from __future__ import annotations
 
 from datetime import timedelta

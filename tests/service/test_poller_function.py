@@ -74,7 +74,7 @@ def test_cold_start_imports_only_what_the_poller_uses():
     code = ("import sys, main\n"
             "from handlers import poller\n"
             "print(sorted(m for m in sys.modules if m.startswith(('google.cloud.firestore', 'google.cloud.pubsub', "
-            "'grpc', 'requests', 'google.auth', 'google.api_core', 'handlers.intake', 'handlers.request'))))")
+            "'grpc', 'requests', 'google.auth', 'google.api_core', 'handlers.intake', 'handlers.core.request'))))")
     r = _python(code, {"FUNCTION_TARGET": "poll_exports"})
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "[]"  # no Google client until the first tick; no intake code

@@ -1,4 +1,4 @@
-"""The functions' one HTTP transport (handlers/adapters/google_http.py): tokens from the metadata server on
+"""The functions' one HTTP transport (handlers/adapters/transport.py): tokens from the metadata server on
 Google Cloud, and Firestore, Pub/Sub and Cloud Storage reached over REST without Google's gRPC clients.
 
 There is no metadata-server emulator, so a small local HTTP server stands in for it (over a real socket),

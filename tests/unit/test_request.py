@@ -1,4 +1,4 @@
-"""handlers/request.py: every rule of the contract's request table, with its message. Pure logic,
+"""handlers/core/request.py (and config/shapes.py): every rule of the contract's request table, with its message. Pure logic,
 so these call the validator directly; the end-to-end path of a rejection is in test_intake_flow."""
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from healthcare_emulator.warehouse import Warehouse, WarehouseError, cli_bq_mk, 
 P = "test-project"
 D = "dicom_ds"
 T = "instances"
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 NAME_PARTS = ["FamilyName", "GivenName", "MiddleName", "NamePrefix", "NameSuffix"]
 PN = {

@@ -210,7 +210,7 @@ def test_corpus_union_is_consistent_and_every_row_conforms():
 def test_own_sequence_parser_matches_pydicom(monkeypatch):
     """Sequences parsed by dicom_bq give the same rows as pydicom's parser."""
     files = [p for p in CORPUS if mapped(p) is not None]
-    monkeypatch.setattr(m, "_FAST_SQ", False)
+    monkeypatch.setattr(m.elements, "_FAST_SQ", False)
     for p in files:
         ds = m.read_header(p)
         assert m.flattened_row(ds)[:2] == mapped(p)[0][:2], p
@@ -563,7 +563,7 @@ def test_large_deferred_sequence_with_known_private_tags(tmp_path, monkeypatch,
                                                         transfer_syntax):
     """A sequence above read_header's defer size, items with private tags whose VR
     comes from pydicom's private dictionary (implicit VR): same result as pydicom."""
-    monkeypatch.setattr(m, "_DEFER", 16 * 1024)  # same path as 1 MiB, smaller file
+    monkeypatch.setattr(m.reading, "_DEFER", 16 * 1024)  # same path as 1 MiB, smaller file
     ds = Dataset()
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
     ds.SOPInstanceUID = "1.2.3.4"
