@@ -98,9 +98,11 @@ class Driver:
             self.delete(key[:1])
 
     def table(self) -> list[dict]:
+        if not self.st.rows(self.sid)["n"]:  # no row, or no table yet
+            return []
         rows = self.st.query(
             f"SELECT SOPInstanceUID, JSON_VALUE(Metadata, '$.\"00100010\".Value[0].Alphabetic') AS name "
-            f"FROM `{self.st.tables[self.sid]}`") if self.st.rows(self.sid)["n"] or self.model else []
+            f"FROM `{self.st.tables[self.sid]}`")
         return sorted((r["SOPInstanceUID"], r["name"]) for r in rows)
 
     def expected(self) -> list[tuple[str, str]]:
@@ -116,7 +118,7 @@ class Driver:
     def converge(self, timeout: float = 400) -> list[tuple[str, str]]:
         deadline = time.monotonic() + timeout
         while True:
-            got = self.table() if self.st.rows(self.sid)["n"] or self.model else []
+            got = self.table()
             if got == self.expected():
                 return got
             if time.monotonic() > deadline:
