@@ -53,6 +53,12 @@ def make_corpus(n: int, per_study: int, out: Path) -> list[Path]:
     return files
 
 
+def export(api, store: str, body: dict) -> dict:
+    r = api.export(store, body)
+    assert r.status_code == 200, r.text
+    return api.wait(r.json()["name"], timeout=3600)
+
+
 def counting(web, bq):
     """Wrap the adapters' reads to count the instances (rows) they return."""
     read = {"store_instances": 0, "table_rows": 0, "studies_listed": 0}
@@ -138,7 +144,7 @@ def main() -> int:  # noqa: C901 - a linear script
         subprocess.run([sys.executable, "-m", "healthcare_emulator", "bq", "mk", f"{PROJECT}.bench", "-f",
                         "--data-dir", str(work / "hc")], check=True, cwd=ROOT, capture_output=True)
         table = f"bq://{PROJECT}.bench.routed"
-        op = api.export_and_wait(store, {"bigqueryDestination": {"tableUri": table}})
+        op = export(api, store, {"bigqueryDestination": {"tableUri": table}})
         assert "error" not in op, op
 
         import config
@@ -166,8 +172,8 @@ def main() -> int:  # noqa: C901 - a linear script
             made["missing"], made["duplicated"], made["extra"]), report
 
         t = time.monotonic()
-        op = api.export_and_wait(store, {"bigqueryDestination": {"tableUri": f"bq://{PROJECT}.bench.full",
-                                                                  "writeDisposition": "WRITE_TRUNCATE"}})
+        op = export(api, store, {"bigqueryDestination": {"tableUri": f"bq://{PROJECT}.bench.full",
+                                                          "writeDisposition": "WRITE_TRUNCATE"}})
         full_s = time.monotonic() - t
         exported = int((op.get("metadata") or {}).get("counter", {}).get("success") or 0)
         rec_read = read["store_instances"] + read["table_rows"]
