@@ -115,6 +115,12 @@ def imports_beyond_baseline(base_env: dict, tmp: Path, todo: list) -> None:
     label, source, target, body, extra = BASELINE
     one_start(source, target, body, {**base_env, **extra}, tmp / "hello.txt")
     hello = imported(tmp / "hello.txt")
+    # gunicorn's arbiter imports its control socket server (gunicorn.ctl, asyncio) beside the worker, sooner or
+    # later than the first answer as the race falls: it is the server's, so it counts as the baseline's.
+    with (tmp / "ctl.txt").open("w") as err:
+        subprocess.run([sys.executable, "-X", "importtime", "-c", "import gunicorn.ctl.server"], stderr=err,
+                       check=True, env=base_env)
+    hello.update(imported(tmp / "ctl.txt"))
     summary = {}
     for label, source, target, body, extra in todo:
         one_start(source, target, body, {**base_env, **extra}, tmp / f"{target}.txt")
