@@ -112,9 +112,9 @@ def test_on_google_cloud_the_function_authenticates_with_the_metadata_token(make
     assert TOKEN not in fn.log_text()
 
 
-def test_a_function_handles_events_without_loading_grpc_or_googles_clients(emulator_env, pubsub_clients, gcs):
-    """The deployed functions call Firestore, Pub/Sub and Cloud Storage over REST: after each function has
-    handled an event in-process, no gRPC, protobuf or google-cloud-* module has been imported."""
+def _one_event_each(pubsub_clients, gcs, prefixes, unless=()):
+    """Each function handles one event in a fresh process (functions-framework's test client, the emulators):
+    {target: {"status": its answer, "loaded": the modules then loaded that start with `prefixes`}}."""
     publisher, _ = pubsub_clients
     topic = unique("ev")
     publisher.create_topic(name=f"projects/{PROJECT}/topics/{topic}")
@@ -135,22 +135,42 @@ elif target == "poll_exports":
     r = client.post("/", json=push(b"tick"))
 else:
     r = client.get("/?requestId={topic}")
-# (functions-framework itself brings google.cloud.functions: its context types)
-loaded = sorted(m for m in sys.modules if m.startswith(("grpc", "google.cloud.", "google.api_core", "google.protobuf",
-                                                        "proto")) and not m.startswith("google.cloud.functions"))
+loaded = sorted(m for m in sys.modules if m.startswith({tuple(prefixes)!r}) and not m.startswith({tuple(unless)!r}))
 print(json.dumps({{"status": r.status_code, "loaded": loaded}}))
 """
     env = {"GOOGLE_CLOUD_PROJECT": PROJECT, "EXPORT_EVENTS_TOPIC": topic, "EXPORT_REQUESTS_TOPIC": topic,
            "LEDGER_COLLECTION": unique("grpc-free"), "HEALTHCARE_API_ENDPOINT": "http://127.0.0.1:9",
            "INGEST_ROUTES": json.dumps({store: f"bq://{PROJECT}.d.t"}), "INGEST_FILTER_BUCKET": unique("b"),
            "INGEST_BATCH_MAX_INSTANCES": "1", "STORAGE_EMULATOR_HOST": gcs.url, "GOOGLE_APPLICATION_CREDENTIALS": ""}
-    for target, ok in (("export_request", 200), ("ingest_notification", 200), ("poll_exports", 200),
-                       ("export_status", 200)):
+    outs = {}
+    for target in ("export_request", "ingest_notification", "poll_exports", "export_status"):
         r = subprocess.run([sys.executable, "-c", code, target], cwd=procs.ROOT, capture_output=True, text=True,
                            timeout=120, env={**os.environ, **env, "FUNCTION_TARGET": target})
         assert r.returncode == 0, r.stderr[-3000:]
-        out = json.loads(r.stdout.strip().splitlines()[-1])
-        assert out == {"status": ok, "loaded": []}, (target, out, r.stdout[-3000:])
+        outs[target] = json.loads(r.stdout.strip().splitlines()[-1])
+    return outs
+
+
+def test_a_function_handles_events_without_loading_grpc_or_googles_clients(emulator_env, pubsub_clients, gcs):
+    """The deployed functions call Firestore, Pub/Sub and Cloud Storage over REST: after each function has
+    handled an event in-process, no gRPC, protobuf or google-cloud-* module has been imported."""
+    # (functions-framework itself brings google.cloud.functions: its context types)
+    outs = _one_event_each(pubsub_clients, gcs, ("grpc", "google.cloud.", "google.api_core", "google.protobuf",
+                                                 "proto"), unless=("google.cloud.functions",))
+    for target, ok in (("export_request", 200), ("ingest_notification", 200), ("poll_exports", 200),
+                       ("export_status", 200)):
+        out = outs[target]
+        assert out == {"status": ok, "loaded": []}, (target, out)
+
+
+def test_a_function_handles_events_without_requests_or_google_auth_against_emulators(emulator_env, pubsub_clients,
+                                                                                    gcs):
+    """The transport is urllib3 alone: after each function has handled an event against the emulators (plain
+    http, no token), neither requests nor its own dependencies, nor google-auth, nor the CA bundle (https only)
+    has been imported; and nothing parsed a date with strptime (its first call builds locale tables)."""
+    outs = _one_event_each(pubsub_clients, gcs, ("requests", "charset_normalizer", "idna", "certifi", "google.auth",
+                                                 "google.oauth2", "http.cookiejar", "_strptime"))
+    assert outs == {t: {"status": 200, "loaded": []} for t in outs}, outs
 
 
 # -- the transport's own behaviour, against a local HTTP server over a real socket -----------------------------
