@@ -1,11 +1,17 @@
 """Benchmark: cold start of each deployed function against a hello-world function run the same way.
 
-    python bench/cold_start.py [--runs 5]
+    python bench/cold_start.py [--runs 5] [--compare DIR] [--imports]
 
 For each function: a fresh `functions-framework` process (bytecode compiled, PYTHONDONTWRITEBYTECODE
 unset, as the cloud's build does), timed from process start until its first Pub/Sub push (or HTTP
 request) is answered, against Google's Pub/Sub and Firestore emulators. Median of --runs. The ratio to
-the hello-world baseline measured in the same run is the figure (goal <= 2.0x, stretch 1.5x).
+the hello-world baseline measured in the same run is the figure (goal <= 1.5x).
+
+--compare DIR also times the functions of another checkout of the repo (say `git archive` of the commit
+before a change, unpacked in DIR), interleaved with these in the same run, so that the machine's load hits
+both alike. --imports (no timing) starts each function once under `python -X importtime` and lists what it
+imports, up to its first event answered, beyond what the hello world imports: the module count and the sum
+of their self times (noisy too, but far less than the wall-clock figure).
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import base64
 import compileall
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -40,30 +47,37 @@ def push_body(data: dict | bytes, attributes: dict | None = None) -> dict:
             "subscription": "projects/bench-project/subscriptions/bench"}
 
 
-def cases() -> list[tuple[str, str, str, dict | None, dict]]:
-    """(label, source dir, target, push body or None for HTTP GET, extra env)."""
+def cases(root: Path = ROOT, suffix: str = "") -> list[tuple[str, str, str, dict | None, dict]]:
+    """(label, source dir, target, push body or None for HTTP GET, extra env) of the checkout at `root`."""
     routes = json.dumps({STORE: "bq://bench-project.d.t"})
+    src = str(root)
     return [
-        ("hello world (baseline)", str(ROOT / "bench" / "hello"), "hello", push_body({"x": 1}), {}),
         # a request that is rejected still goes through the ledger and publishes an event
-        ("export_request", str(ROOT), "export_request",
+        ("export_request" + suffix, src, "export_request",
          push_body({"requestId": "cold", "bigqueryDestination": {"tableUri": "nope"}}), {}),
-        ("poll_exports", str(ROOT), "poll_exports", push_body({"tick": True}), {}),
-        ("export_status", str(ROOT), "export_status", None, {}),
-        ("ingest_notification", str(ROOT), "ingest_notification",
+        ("poll_exports" + suffix, src, "poll_exports", push_body({"tick": True}), {}),
+        ("export_status" + suffix, src, "export_status", None, {}),
+        ("ingest_notification" + suffix, src, "ingest_notification",
          push_body(f"{STORE}/dicomWeb/studies/1.2/series/1.2.3/instances/1.2.3.4".encode()),
          # no batch closes (the arrivals of earlier runs never age out): no Cloud Storage write
          {"INGEST_ROUTES": routes, "INGEST_FILTER_BUCKET": "bench-filters", "INGEST_BATCH_MAX_AGE_S": "86400"}),
     ]
 
 
-def one_start(source: str, target: str, body: dict | None, env: dict) -> float:
+BASELINE = ("hello world (baseline)", str(ROOT / "bench" / "hello"), "hello", push_body({"x": 1}), {})
+
+
+def one_start(source: str, target: str, body: dict | None, env: dict, importtime: Path | None = None) -> float:
+    """Seconds from process start to the first event answered; with `importtime`, run under
+    `python -X importtime` with its report written there."""
     port = free_port()
     sig = "http" if body is None else "cloudevent"
+    python = [sys.executable, "-X", "importtime"] if importtime else []
+    err = importtime.open("w") if importtime else subprocess.DEVNULL
     t0 = time.perf_counter()
-    proc = subprocess.Popen([FF, f"--target={target}", f"--source={source}/main.py", f"--signature-type={sig}",
-                             "--host", "127.0.0.1", "--port", str(port)], cwd=source, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen([*python, FF, f"--target={target}", f"--source={source}/main.py",
+                             f"--signature-type={sig}", "--host", "127.0.0.1", "--port", str(port)], cwd=source,
+                            env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
     try:
         while True:
             if proc.poll() is not None:
@@ -82,6 +96,43 @@ def one_start(source: str, target: str, body: dict | None, env: dict) -> float:
     finally:
         os.killpg(proc.pid, 9)
         proc.wait()
+        if importtime:
+            err.close()
+
+
+def imported(report: Path) -> dict[str, int]:
+    """module -> its self time in microseconds, from a `-X importtime` report."""
+    out = {}
+    for line in report.read_text().splitlines():
+        m = re.match(r"import time:\s+(\d+) \|\s+\d+ \| (\s*)(\S+)$", line)
+        if m:
+            out[m.group(3)] = int(m.group(1))
+    return out
+
+
+def imports_beyond_baseline(base_env: dict, tmp: Path, todo: list) -> None:
+    """Print what each function imports beyond the hello world, up to its first event answered."""
+    label, source, target, body, extra = BASELINE
+    one_start(source, target, body, {**base_env, **extra}, tmp / "hello.txt")
+    hello = imported(tmp / "hello.txt")
+    # gunicorn's arbiter imports its control socket server (gunicorn.ctl, asyncio) beside the worker, sooner or
+    # later than the first answer as the race falls: it is the server's, so it counts as the baseline's.
+    with (tmp / "ctl.txt").open("w") as err:
+        subprocess.run([sys.executable, "-X", "importtime", "-c", "import gunicorn.ctl.server"], stderr=err,
+                       check=True, env=base_env)
+    hello.update(imported(tmp / "ctl.txt"))
+    summary = {}
+    for label, source, target, body, extra in todo:
+        one_start(source, target, body, {**base_env, **extra}, tmp / f"{target}.txt")
+        extra_mods = {m: us for m, us in imported(tmp / f"{target}.txt").items() if m not in hello}
+        ours = sorted(m for m in extra_mods if m.split(".")[0] in ("main", "config", "handlers"))
+        others = sorted(m for m in extra_mods if m not in ours)
+        ms = sum(extra_mods.values()) / 1000
+        print(f"{label}: {len(extra_mods)} modules beyond the hello world, {ms:.1f} ms of import self time")
+        print(f"  ours ({len(ours)}): {' '.join(ours)}")
+        print(f"  others ({len(others)}): {' '.join(others)}")
+        summary[label] = {"modules": len(extra_mods), "self_ms": round(ms, 1)}
+    print(json.dumps(summary))
 
 
 def warm_up(publisher, firestore_host: str) -> None:
@@ -96,10 +147,15 @@ def warm_up(publisher, firestore_host: str) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--compare", type=Path, help="another checkout of the repo, timed in the same run")
+    ap.add_argument("--imports", action="store_true", help="list each function's imports instead of timing")
     args = ap.parse_args()
-    compileall.compile_dir(str(ROOT / "handlers"), quiet=1)
-    compileall.compile_dir(str(ROOT / "config"), quiet=1)
-    compileall.compile_file(str(ROOT / "main.py"), quiet=1)
+    roots = [ROOT] + ([args.compare.resolve()] if args.compare else [])
+    for root in roots:
+        compileall.compile_dir(str(root / "handlers"), quiet=1)
+        compileall.compile_dir(str(root / "config"), quiet=1)
+        compileall.compile_file(str(root / "main.py"), quiet=1)
+    todo = cases() + (cases(roots[1], f" ({roots[1].name})") if args.compare else [])
     with tempfile.TemporaryDirectory() as tmp:
         ps, fs = pubsub_emulator(Path(tmp)).start(120), firestore_emulator(Path(tmp)).start(120)
         try:
@@ -114,12 +170,15 @@ def main() -> int:
                              "GOOGLE_CLOUD_PROJECT": "bench-project", "HEALTHCARE_API_ENDPOINT": "http://127.0.0.1:9",
                              "GOOGLE_APPLICATION_CREDENTIALS": "", "ALLOWED_DICOM_STORES": "projects/*",
                              "ALLOWED_BQ_DATASETS": "*"})
-            times: dict[str, list[float]] = {label: [] for label, *_ in cases()}
+            if args.imports:
+                imports_beyond_baseline(base_env, Path(tmp), todo)
+                return 0
+            times: dict[str, list[float]] = {label: [] for label, *_ in [BASELINE, *todo]}
             for _ in range(args.runs):  # the cases interleaved, so that a change of the machine's load hits all
-                for label, source, target, body, extra in cases():
+                for label, source, target, body, extra in [BASELINE, *todo]:
                     times[label].append(one_start(source, target, body, {**base_env, **extra}))
             results = {label: statistics.median(t) for label, t in times.items()}
-            base = results["hello world (baseline)"]
+            base = results[BASELINE[0]]
             print(f"cold start, median of {args.runs} (process start -> first event answered):")
             for label, t in results.items():
                 print(f"  {label:<24} {t * 1000:7.0f} ms  {t / base:5.2f}x baseline")

@@ -88,9 +88,11 @@ def _calls_only(firestore_host: str, pubsub_host: str, hc_url: str, store: str, 
     def one(i):
         name = f"c{concurrency}-{i}-{time.time_ns()}"
         version, = fs.commit([fs.create("calls-only", name, {"i": i})])
-        gh.session().post(f"{hc_url}/v1/{store}:export", json={"bigqueryDestination": {
-            "tableUri": f"bq://{PROJECT}.calls.c{concurrency}_{i}", "writeDisposition": "WRITE_APPEND"}},
-            timeout=60).raise_for_status()
+        r = gh.request("POST", f"{hc_url}/v1/{store}:export", tokens=gh.Tokens(), timeout=60, json={
+            "bigqueryDestination": {"tableUri": f"bq://{PROJECT}.calls.c{concurrency}_{i}",
+                                    "writeDisposition": "WRITE_APPEND"}})
+        if r.status_code >= 300:
+            raise SystemExit(f"export {i}: HTTP {r.status_code}: {r.content[:300]!r}")
         events.publish({"calls-only": i}, {"k": "v"})
         fs.commit([fs.update("calls-only", name, {"done": True}, version=version)])
     t0 = time.monotonic()

@@ -16,7 +16,6 @@ from handlers.adapters import logs
 from handlers.core import ledger as L
 from handlers.core.clock import rfc3339
 from handlers.core.events import counter_ints
-from handlers.core.request import REQUEST_ID_RE
 
 HEADERS = {"Content-Type": "application/json; charset=utf-8", "Cache-Control": "no-store",
            "X-Content-Type-Options": "nosniff"}
@@ -31,7 +30,7 @@ def handle(request: Any) -> Response:
     if len(ids) != 1 or not ids[0]:
         return _error(400, "INVALID_ARGUMENT", "give exactly one requestId: GET ?requestId=ID")
     rid = ids[0]
-    if not REQUEST_ID_RE.match(rid):
+    if not L.REQUEST_ID_RE.match(rid):
         return _error(400, "INVALID_ARGUMENT", "malformed requestId: it must match [A-Za-z0-9._:-]{1,128}")
     with logs.context(requestId=rid):
         try:

@@ -291,7 +291,9 @@ def _decode(v: Obj) -> Any:
 def _timestamp(text: str) -> datetime:
     """RFC 3339 with up to nanoseconds -> aware UTC datetime (microseconds: Firestore stores no finer)."""
     head, _, frac = text.rstrip("Z").partition(".")
-    t = datetime.strptime(head, "%Y-%m-%dT%H:%M:%S")
+    if len(head) != 19 or head[4] + head[7] + head[10] + head[13] + head[16] != "--T::":
+        raise ValueError(f"not an RFC 3339 timestamp: {text!r}")
+    t = datetime.fromisoformat(head)  # not strptime: its first call builds locale tables (a cold start's time)
     return t.replace(microsecond=int((frac + "000000")[:6]) if frac else 0, tzinfo=timezone.utc)
 
 

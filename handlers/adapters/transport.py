@@ -1,9 +1,17 @@
 """The one HTTP transport of the functions: every Google API they call (Healthcare, Firestore, Pub/Sub,
-Cloud Storage) over REST, through one pooled requests.Session per process, with an access token.
+Cloud Storage) over REST, through urllib3's connection pools (one PoolManager per scheme and process), with
+an access token.
 
 Why REST and not Google's gRPC clients: importing google-cloud-firestore and google-cloud-pubsub
-(gRPC, protobuf, api-core) costs more than a whole hello-world cold start. The four APIs need a few
-JSON calls each, so the deployed functions depend on requests and google-auth only.
+(gRPC, protobuf, api-core) costs more than a whole hello-world cold start. Why urllib3 and not requests:
+requests is urllib3 plus what these calls never use (cookies, netrc and proxy lookup, charset detection,
+idna), about a hundred more modules on every cold start. The four APIs need a few JSON calls each, so the
+deployed functions depend on urllib3 (with certifi's CA bundle, as requests uses it) and google-auth only.
+What requests did and the calls rely on is done here the same way: `json=` bodies, `params=` query
+strings, gzip answers decoded, redirects followed, TLS verified against certifi's bundle (or
+REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE), (connect, read) timeouts, and a failure named as requests named it
+in the logs ("connection error (NewConnectionError)", "read timeout"...). Proxy variables (HTTPS_PROXY)
+and .netrc are not read: the functions call Google's APIs directly.
 
 Tokens (`Tokens`): on Google Cloud (Cloud Functions gen2 / Cloud Run set K_SERVICE) without a key file,
 from the metadata server of the runtime's service account, cached until five minutes before it expires,
@@ -20,14 +28,22 @@ raises Unavailable(ambiguous=True), for the caller to look before it calls again
 """
 from __future__ import annotations
 
+import json
+import os
 import random
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+from urllib.parse import urlencode
 
 from handlers.core.errors import Permanent, Retryable
 from handlers.core.lazy import once
+
+if TYPE_CHECKING:
+    from urllib3 import BaseHTTPResponse, PoolManager
+
+_dumps = json.dumps  # `send` takes a parameter named json, as requests' methods do
 
 Obj = dict[str, Any]
 
@@ -85,26 +101,120 @@ class TokenError(Exception):
     """No access token could be obtained (the metadata server or the ADC refresh failed)."""
 
 
-# -- the session -------------------------------------------------------------------------------------------
+# -- the pools --------------------------------------------------------------------------------------------
 _pool = {"size": 32}
 
 
 def configure(*, concurrency: int) -> None:
-    """Size the session's pools for `concurrency` calls at once (handlers/wiring.py, before the first call)."""
+    """Size the pools for `concurrency` calls at once (handlers/wiring.py, before the first call)."""
     _pool["size"] = max(32, concurrency + 8)
 
 
+def _manager(**tls: Any) -> PoolManager:
+    """Connections to up to 8 hosts, keeping enough per host for the poller's POLL_CONCURRENCY calls at once."""
+    import urllib3
+    return urllib3.PoolManager(num_pools=8, maxsize=_pool["size"], **tls)
+
+
 @once
-def session() -> Any:
-    """The process's requests.Session, keeping enough connections per host for the poller's
-    POLL_CONCURRENCY calls at once (requests keeps only 10 by default)."""
-    import requests
-    from requests.adapters import HTTPAdapter
-    s = requests.Session()
-    size = _pool["size"]
-    for prefix in ("https://", "http://"):
-        s.mount(prefix, HTTPAdapter(pool_connections=8, pool_maxsize=size))
-    return s
+def _plain() -> PoolManager:
+    """http:// (emulators, the metadata server): no CA bundle to load."""
+    return _manager()
+
+
+@once
+def _tls() -> PoolManager:
+    """https://, verified against certifi's bundle (REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE when set), as requests
+    verified; the system's store if certifi is missing."""
+    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    if not bundle:
+        try:
+            import certifi
+            bundle = certifi.where()
+        except ImportError:
+            bundle = None
+    return _manager(cert_reqs="CERT_REQUIRED", ca_certs=bundle)
+
+
+def session(url: str) -> PoolManager:
+    """The process's pool manager for `url`'s scheme."""
+    return _tls() if url[:6].lower() == "https:" else _plain()
+
+
+class Response:
+    """An answer, read whole: what the adapters read of it (the names are those of requests.Response)."""
+    __slots__ = ("status_code", "reason", "headers", "content")
+
+    def __init__(self, r: BaseHTTPResponse):
+        self.status_code: int = r.status
+        self.reason: str = r.reason or ""
+        self.headers: Mapping[str, str] = r.headers  # case-insensitive
+        self.content: bytes = r.data
+
+    def json(self) -> Any:
+        """The body as JSON; ValueError when it is not."""
+        return json.loads(self.content)
+
+
+_RETRIES: list[Any] = []
+
+
+def _retries() -> Any:
+    """urllib3 retries nothing itself (`call` is the one policy): a connection failure ends the attempt, and
+    up to 30 redirects are followed (as requests did)."""
+    if not _RETRIES:
+        from urllib3.util.retry import Retry as U3Retry
+        _RETRIES.append(U3Retry(total=None, connect=0, read=False, redirect=30, status=0, other=0))
+    return _RETRIES[0]
+
+
+def send(method: str, url: str, *, headers: Mapping[str, str] | None, timeout: Any, json: Any = None,
+         data: bytes | str | None = None, params: Mapping[str, Any] | None = None) -> Response:
+    """One HTTP exchange, as requests made it: `params` appended to the query (None values left out), `json`
+    serialised as the body with its Content-Type, gzip answers decoded. `timeout`: seconds, or (connect, read).
+    Raises urllib3's exceptions (see `failure`)."""
+    import urllib3
+    from urllib3.util.request import ACCEPT_ENCODING
+
+    if params:
+        pairs = [(k, v) for k, vs in params.items()
+                 for v in (vs if isinstance(vs, (list, tuple)) else [vs]) if v is not None]
+        if pairs:
+            url = f"{url}{'&' if '?' in url else '?'}{urlencode(pairs, doseq=True)}"
+    out = {"Accept": "*/*", "Accept-Encoding": ", ".join(ACCEPT_ENCODING.split(","))}
+    out.update(headers or {})
+    body: bytes | str | None = data
+    if json is not None and not data:
+        body = _dumps(json, allow_nan=False).encode("utf-8")
+        if not any(k.lower() == "content-type" for k in out):
+            out["Content-Type"] = "application/json"
+    connect, read = timeout if isinstance(timeout, tuple) else (timeout, timeout)
+    r = session(url).request(method, url, body=body, headers=out, timeout=urllib3.Timeout(connect=connect, read=read),
+                             retries=_retries(), preload_content=True)
+    return Response(r)
+
+
+def failure(e: BaseException) -> tuple[str, str, bool] | None:
+    """What a failed exchange was, named as requests named it: (requests' exception name, the reason, whether
+    the request may have reached the server); None if `e` is no transport failure."""
+    from urllib3 import exceptions as x
+
+    if isinstance(e, x.MaxRetryError):  # the connection failed (or too many redirects)
+        reason = e.reason
+        if isinstance(reason, x.ResponseError):
+            return "TooManyRedirects", "TooManyRedirects", True
+        if isinstance(reason, x.ConnectTimeoutError) and not isinstance(reason, x.NewConnectionError):
+            return "ConnectTimeout", "ConnectTimeout", False
+        name = "SSLError" if isinstance(reason, x.SSLError) else "ConnectionError"
+        not_sent = isinstance(reason, (x.NewConnectionError, x.ConnectTimeoutError))
+        return name, type(reason or e).__name__, not not_sent
+    if isinstance(e, x.ReadTimeoutError):
+        return "ReadTimeout", "ReadTimeout", True
+    if isinstance(e, (x.ProtocolError, OSError)):  # the connection broke after the request was sent
+        return "ConnectionError", type(e).__name__, True
+    if isinstance(e, x.HTTPError):
+        return type(e).__name__, type(e).__name__, True
+    return None
 
 
 # -- tokens ------------------------------------------------------------------------------------------------
@@ -153,17 +263,18 @@ class Metadata(_Cached):
         self.url = f"http://{host}/computeMetadata/v1/instance/service-accounts/default/token"
 
     def _fetch(self) -> tuple[str, float]:
-        import requests
-
         problem = ""
         for attempt in range(4):
             if attempt:
                 time.sleep(0.1 * 2 ** attempt)
             try:
-                r = session().get(self.url, params={"scopes": SCOPES}, headers={"Metadata-Flavor": "Google"},
-                                  timeout=(2.0, 5.0))
-            except requests.RequestException as e:
-                problem = type(e).__name__
+                r = send("GET", self.url, params={"scopes": SCOPES}, headers={"Metadata-Flavor": "Google"},
+                         timeout=(2.0, 5.0))
+            except Exception as e:  # noqa: BLE001 - a transport failure (anything else is raised again)
+                failed = failure(e)
+                if failed is None:
+                    raise
+                problem = failed[0]
                 continue
             if r.status_code == 200:
                 try:
@@ -188,13 +299,12 @@ class Adc(_Cached):
     def _fetch(self) -> tuple[str, float]:
         import google.auth
         from google.auth import exceptions
-        from google.auth.transport.requests import Request
 
         try:
             if self._credentials is None:
                 self._credentials, _ = google.auth.default(scopes=[SCOPES])
             if not self._credentials.valid or self._token is not None:
-                self._credentials.refresh(Request(session()))
+                self._credentials.refresh(_AuthRequest())
         except exceptions.GoogleAuthError as e:
             raise TokenError(f"Application Default Credentials gave no access token ({type(e).__name__})") from None
         expiry = getattr(self._credentials, "expiry", None)
@@ -207,6 +317,27 @@ class Adc(_Cached):
         return self._credentials.token, max(lifetime, self.MARGIN_S + 1.0)
 
 
+class _AuthResponse:
+    """google.auth.transport.Response of an answer."""
+
+    def __init__(self, r: Response):
+        self.status, self.headers, self.data = r.status_code, r.headers, r.content
+
+
+class _AuthRequest:
+    """google.auth.transport.Request over these pools: google-auth's own token exchanges (an ADC refresh)."""
+
+    def __call__(self, url: str, method: str = "GET", body: bytes | None = None, headers: Obj | None = None,
+                 timeout: Any = 120, **kwargs: Any) -> _AuthResponse:
+        from google.auth import exceptions
+        try:
+            return _AuthResponse(send(method, url, headers=headers, timeout=timeout or 120, data=body))
+        except Exception as e:
+            if failure(e) is None:
+                raise
+            raise exceptions.TransportError(e) from e  # type: ignore[no-untyped-call]
+
+
 def cloud_tokens(*, metadata_host: str, on_google_cloud: bool, credentials_file: str | None) -> Tokens:
     """A token source for Google's own endpoints: the metadata server on Google Cloud without a key file,
     else Application Default Credentials (handlers/wiring.py makes one per process)."""
@@ -214,17 +345,17 @@ def cloud_tokens(*, metadata_host: str, on_google_cloud: bool, credentials_file:
 
 
 # -- calls -------------------------------------------------------------------------------------------------
-def request(method: str, url: str, *, tokens: Tokens, timeout: Any, headers: Obj | None = None, **kw: Any) -> Any:
-    """One HTTP exchange with the token attached; a 401 refreshes a refreshable token and tries once more.
-    Raises requests' exceptions and TokenError; returns the response whatever its status."""
-    r = session().request(method, url, headers={**(headers or {}), **tokens.header()}, timeout=timeout, **kw)
+def request(method: str, url: str, *, tokens: Tokens, timeout: Any, headers: Obj | None = None,
+            **kw: Any) -> Response:
+    """One HTTP exchange (`send`) with the token attached; a 401 refreshes a refreshable token and tries once
+    more. Raises urllib3's exceptions and TokenError; returns the response whatever its status."""
+    r = send(method, url, headers={**(headers or {}), **tokens.header()}, timeout=timeout, **kw)
     if r.status_code == 401 and tokens.refreshable:
-        r = session().request(method, url, headers={**(headers or {}), **tokens.header(refresh=True)},
-                              timeout=timeout, **kw)
+        r = send(method, url, headers={**(headers or {}), **tokens.header(refresh=True)}, timeout=timeout, **kw)
     return r
 
 
-def error_of(r: Any, kind: type[HttpError] = HttpError) -> HttpError:
+def error_of(r: Response, kind: type[HttpError] = HttpError) -> HttpError:
     """Google's error envelope {"error": {"code", "status", "message", "details"}} (or what there is of it)."""
     try:
         e = r.json()
@@ -241,7 +372,7 @@ def error_of(r: Any, kind: type[HttpError] = HttpError) -> HttpError:
 
 
 def call(method: str, url: str, *, tokens: Tokens, deadline: float, what: str, timeout_s: float = 30.0,
-         retry: Retry = Retry(), max_attempts: int | None = None, **kw: Any) -> Any:
+         retry: Retry = Retry(), max_attempts: int | None = None, **kw: Any) -> Response:
     """A call retried by `retry` until `deadline` (time.monotonic()) or `max_attempts`. Returns the 2xx
     response. Raises HttpError for a final answer, Unavailable when out of time or attempts (or at once
     after an ambiguous failure of a call that is not idempotent)."""
@@ -271,23 +402,25 @@ def call(method: str, url: str, *, tokens: Tokens, deadline: float, what: str, t
 
 
 def _attempt(method: str, url: str, tokens: Tokens, timeout: tuple[float, float], retry: Retry,
-             kw: Obj) -> tuple[Any, str, bool, float]:
+             kw: Obj) -> tuple[Response | None, str, bool, float]:
     """One try: (the 2xx response, "", False, 0) or (None, the problem, whether the call may have taken
     effect, the least wait the server asked for). Raises HttpError for a final answer."""
-    import requests
-
     try:
         r = request(method, url, tokens=tokens, timeout=timeout, **kw)
-    except requests.exceptions.ConnectTimeout as e:
-        return None, f"connect timeout ({type(e).__name__})", False, 0.0
-    except requests.exceptions.ConnectionError as e:
-        return None, f"connection error ({_connection_reason(e)})", not _not_sent(e), 0.0
-    except requests.exceptions.Timeout:
-        return None, "read timeout", True, 0.0
-    except requests.RequestException as e:
-        return None, type(e).__name__, True, 0.0
     except TokenError as e:
         return None, f"no access token ({e})", False, 0.0
+    except Exception as e:  # noqa: BLE001 - a transport failure (anything else is raised again)
+        failed = failure(e)
+        if failed is None:
+            raise
+        name, reason, sent = failed
+        if name == "ConnectTimeout":
+            return None, f"connect timeout ({name})", False, 0.0
+        if name == "ReadTimeout":
+            return None, "read timeout", True, 0.0
+        if name in ("ConnectionError", "SSLError"):
+            return None, f"connection error ({reason})", sent, 0.0
+        return None, name, True, 0.0
     if 200 <= r.status_code < 300:
         return r, "", False, 0.0
     err = error_of(r, retry.final)
@@ -297,21 +430,8 @@ def _attempt(method: str, url: str, tokens: Tokens, timeout: tuple[float, float]
     return None, f"{err.http_status} {err.status}: {err.message}", r.status_code not in NOT_STARTED_HTTP, wait or 0.0
 
 
-def _retry_after(r: Any) -> float | None:
+def _retry_after(r: Response) -> float | None:
     try:
         return min(float(r.headers.get("Retry-After", "")), 30.0)
     except ValueError:
         return None
-
-
-def _connection_reason(e: Any) -> str:
-    reason = getattr(e.args[0], "reason", None) if e.args else None
-    return type(reason or (e.args[0] if e.args else e)).__name__
-
-
-def _not_sent(e: Any) -> bool:
-    """A connection that was never established: the request cannot have reached the server."""
-    from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
-    inner = e.args[0] if e.args else None
-    reason = getattr(inner, "reason", inner)
-    return isinstance(reason, (NewConnectionError, ConnectTimeoutError))

@@ -14,6 +14,9 @@ from typing import Any, Collection, NamedTuple, TypedDict
 
 from .clock import now
 
+# a request's id, its ledger document's name (docs/contract.md, "Export request")
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
 __all__ = ["DELETE", "Doc", "LedgerDoc", "Versioned", "apply_updates", "doc_id", "lease_free", "lease_taken",
            "lease_dropped", "now", "dataset_of"]
 

@@ -29,10 +29,11 @@ from config.shapes import (
 )
 from config.shapes import ShapeError as _Reject
 
+from .ledger import REQUEST_ID_RE
+
 __all__ = ["DEST_FIELDS", "FILTER_FIELDS", "REQUEST_ID_RE", "TOP_FIELDS", "WRITE_DISPOSITIONS", "Parsed", "Policy",
            "Rejection", "api_version_for", "export_body", "gcs_uri_parts", "parse", "table_uri_parts"]
 
-REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 TOP_FIELDS = ("requestId", "dicomStore", "bigqueryDestination", "filterConfig", "labels")
 MAX_LABELS = 64
 MAX_LABEL_CHARS = 63
