@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.support import procs  # noqa: E402
+from stack import services as procs  # noqa: E402
 
 PROJECT = "bench-project"
 INSTANCES_PER_STUDY = 100

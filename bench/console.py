@@ -28,8 +28,9 @@ sys.path.insert(0, str(ROOT))
 import requests  # noqa: E402
 
 from healthcare_emulator.console.web import EXAMPLES  # noqa: E402
-from tests.support import dicom_files, procs  # noqa: E402
-from tests.support.hcapi import HC  # noqa: E402
+from stack import dicom_files  # noqa: E402
+from stack import services as procs  # noqa: E402
+from stack.hcapi import HC  # noqa: E402
 
 PROJECT = "bench-project"
 

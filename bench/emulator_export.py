@@ -27,8 +27,9 @@ sys.path.insert(0, str(ROOT))
 import pydicom  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 
-from tests.support import dicom_files, procs  # noqa: E402
-from tests.support.hcapi import HC  # noqa: E402
+from stack import dicom_files  # noqa: E402
+from stack import services as procs  # noqa: E402
+from stack.hcapi import HC  # noqa: E402
 
 MAX_SOURCE_BYTES = 2 * 1024 * 1024  # keep the corpus to typical header-heavy instances
 

@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 import requests  # noqa: E402
 
 from bench.emulator_export import make_corpus, rss_kb, stow_all  # noqa: E402
-from tests.support import procs  # noqa: E402
-from tests.support.hcapi import HC  # noqa: E402
+from stack import services as procs  # noqa: E402
+from stack.hcapi import HC  # noqa: E402
 
 PROJECT = "bench-project"
 

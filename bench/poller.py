@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from stack import dicom_files  # noqa: E402
 from stack import services as procs
-from tests.support.hcapi import HC  # noqa: E402
+from stack.hcapi import HC  # noqa: E402
 
 PROJECT = "bench-project"
 

@@ -35,7 +35,7 @@ def make_corpus(n: int, per_study: int, out: Path) -> list[Path]:
     import pydicom
     from pydicom.uid import generate_uid
 
-    from tests.support import dicom_files
+    from stack import dicom_files
 
     ds = pydicom.dcmread(dicom_files.path("CT_small.dcm"))
     out.mkdir(parents=True, exist_ok=True)
@@ -114,8 +114,8 @@ def main() -> int:  # noqa: C901 - a linear script
     import pydicom
 
     from bench.emulator_export import stow_all
+    from stack.hcapi import HC
     from stack.services import firestore_emulator, healthcare_emulator, pubsub_emulator
-    from tests.support.hcapi import HC
 
     work = Path(tempfile.mkdtemp(prefix="bench-reconcile-"))
     logs = work / "logs"

@@ -75,7 +75,7 @@ def show(got: list[dict]) -> None:
 
 def run(hc: str, dataset: str, bq) -> None:
     """Store 3, delete 1, replace 1; print the table after each change is reflected."""
-    from tests.support.dicom_files import path, with_uids
+    from stack.dicom_files import path, with_uids
 
     store = make_store(hc, dataset)
     tmp = Path(tempfile.mkdtemp(prefix="demo-ingest-"))
