@@ -28,11 +28,23 @@ from tests.support.hcapi import HC, unique
 ENV = {"HEALTHCARE_RETRY_BUDGET_S": "4", "INTAKE_LEASE_S": "6"}
 
 
+def _slow_emulator(logs_dir, path, latency_s: float):
+    """An emulator whose export (and operations) calls each take `latency_s` to answer."""
+    return procs.healthcare_emulator(logs_dir, path, "--latency", str(latency_s),
+                                     name=f"healthcare-emulator-{unique('gate')}").start()
+
+
 @pytest.fixture
 def slow_hc(logs_dir, tmp_path):
-    """An emulator whose export (and operations) calls take two seconds to answer."""
-    svc = procs.healthcare_emulator(logs_dir, tmp_path / "slow", "--latency", "2.0",
-                                    name=f"healthcare-emulator-{unique('gate')}").start()
+    svc = _slow_emulator(logs_dir, tmp_path / "slow", 2.0)
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture
+def slower_hc(logs_dir, tmp_path):
+    """Six seconds per call: longer than a push takes to reach the function on a busy machine."""
+    svc = _slow_emulator(logs_dir, tmp_path / "slower", 6.0)
     yield svc
     svc.stop()
 
@@ -57,23 +69,24 @@ def _push(f, body: dict, message_id: str) -> int:
                          timeout=120).status_code
 
 
-def test_two_requests_of_one_dataset_are_never_both_in_the_export_call(make_function, slow_hc):
-    """The second request is delivered while the first is in its (slow) export call: it waits for the
-    gate, then makes its own call once the first has recorded its operation."""
-    api = HC(slow_hc.url)
+def test_two_requests_of_one_dataset_are_never_both_in_the_export_call(make_function, slower_hc):
+    """The second request is delivered while the first holds the gate (it is in its slow export call): it
+    waits for the gate, then makes its own call once the first has recorded its operation."""
+    api = HC(slower_hc.url)
     dataset = api.dataset()
     stores = [api.store(dataset), api.store(dataset)]
-    f = make_function("gate-two", hc_url=slow_hc.url, env={"HEALTHCARE_RETRY_BUDGET_S": "10", "INTAKE_LEASE_S": "15"})
+    f = make_function("gate-two", hc_url=slower_hc.url, env={"HEALTHCARE_RETRY_BUDGET_S": "15", "INTAKE_LEASE_S": "20"})
     first, second = unique("first"), unique("second")
     with ThreadPoolExecutor(1) as pool:
         answered = pool.submit(_push, f, valid_request(stores[0], first), unique("m"))
-        wait_for(lambda: request_counts(slow_hc.url).get(stores[0], {}).get("export.calls"), what="the first call")
-        assert _push(f, valid_request(stores[1], second), unique("m")) < 300  # during the first call
+        wait_for(lambda: (g := f.ledger.read_gate(dataset)) and g.gate.holder == first, what="the first to take the gate")
+        assert _push(f, valid_request(stores[1], second), unique("m")) < 300
         assert answered.result() < 300
-    counts = request_counts(slow_hc.url)
+    counts = request_counts(slower_hc.url)
     assert [counts[s]["export.calls"] for s in stores] == [1, 1] and [counts[s]["export"] for s in stores] == [1, 1]
     assert "export.overlapping" not in counts.get(dataset, {})  # never two calls at once on the dataset
-    assert _logged(f, "waiting for the dataset's gate", requestId=second)
+    waited = _logged(f, "waiting for the dataset's gate", requestId=second)
+    assert waited and {w["holderRequestId"] for w in waited} == {first}
     ops = _started(f, {first, second})
     assert len(set(ops.values())) == 2
     assert f.ledger.read_gate(dataset) is None  # released with each operation's record
