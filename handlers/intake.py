@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from handlers.adapters.pubsub import Events
 
 OWNED_EVENTS = (ev.REJECTED, ev.STARTED, ev.FAILED)
-LOST_RACES = 30  # gate commits lost to concurrent writers before giving up (ContentionError)
+LOST_RACES = 30  # commits that release the gate, lost to concurrent writers, before giving up
 
 
 class Redeliver(Exception):
@@ -252,10 +252,11 @@ class Intake:
         """Write this request's attempt (STARTING, a new lease) and take its dataset's gate in one commit.
         The gate is assumed free, so the common path reads nothing first; after a lost race both documents
         are read again in one call. A gate whose holder may be alive is waited for (until this delivery's
-        budget ends: _Busy); an abandoned one is taken over, its holder's call resolved in the same commit."""
+        budget ends: _Busy); an abandoned one is taken over, its holder's call resolved in the same commit.
+        Waiting and lost races (another waiter took the gate first) are bounded by the same budget."""
         dataset = str(own.doc["hcDataset"])
         held: Held | None = None
-        for _ in range(LOST_RACES):
+        while True:
             plan = self.plan(own, held, now())
             if not isinstance(plan, _Plan):
                 held = self.wait_for_gate(dataset, held, until=plan)
@@ -264,7 +265,11 @@ class Intake:
             if versions is not None:
                 return self.took(plan, versions)
             own, held = self.reread(own, dataset)
-        raise ContentionError(f"{own.doc['requestId']}: the gate of {dataset} kept changing")
+            if time.monotonic() < self.deadline:
+                continue
+            if held is not None and held.gate.holder != own.doc["requestId"]:
+                raise _Busy(held.gate)
+            raise ContentionError(f"{own.doc['requestId']}: the gate of {dataset} kept changing")
 
     def plan(self, own: _Own, held: Held | None, t: datetime) -> _Plan | datetime:
         """The commit that takes the gate as `held` (None: assumed free), or until when to wait for it."""

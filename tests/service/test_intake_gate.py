@@ -92,6 +92,22 @@ def test_two_requests_of_one_dataset_are_never_both_in_the_export_call(make_func
     assert f.ledger.read_gate(dataset) is None  # released with each operation's record
 
 
+def test_many_deliveries_at_once_on_one_dataset_take_turns_and_all_start(make_function, hcapi, hc):
+    """Eight requests of one dataset delivered at the same moment: each waits its turn at the gate (however
+    many times another waiter takes it first), none is turned away, none exports twice."""
+    f = make_function("gate-many", env={"HEALTHCARE_RETRY_BUDGET_S": "20", "INTAKE_LEASE_S": "25"})
+    dataset = hcapi.dataset()
+    store = hcapi.store(dataset)
+    rids = [unique("many") for _ in range(8)]
+    with ThreadPoolExecutor(len(rids)) as pool:
+        answers = list(pool.map(lambda r: _push(f, valid_request(store, r), unique("m")), rids))
+    assert all(a < 300 for a in answers), answers
+    counts = request_counts(hc.url)
+    assert counts[store] == {"export.calls": 8, "export": 8} and "export.overlapping" not in counts.get(dataset, {})
+    assert len(set(_started(f, set(rids)).values())) == 8
+    assert f.ledger.read_gate(dataset) is None
+
+
 def test_a_holder_killed_in_its_export_call_is_recovered_with_its_one_operation(make_function, slow_hc):
     """SIGKILL while the export call is in flight (the call completes at the API): the gate stays with the
     dead holder until its lease ends, the next request of the dataset waits, and whoever comes first after
