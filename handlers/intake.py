@@ -325,7 +325,7 @@ class Intake:
         pause = 0.02
         while time.monotonic() < self.deadline:
             time.sleep(random.uniform(pause / 2, pause))  # backoff between reads of a gate held elsewhere
-            pause = min(pause * 1.5, 0.25)
+            pause = min(pause * 1.5, 0.1)  # the gate is held for about one call and one commit
             current = self.ledger.read_gate(dataset)
             if current is None or current.version != held.version or now() >= until:
                 return current
