@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(PY) bench/poller.py
 	$(PY) bench/ingest.py
 	$(PY) bench/emulator_export.py --instances $${BENCH_INSTANCES:-20000}
+	$(PY) bench/emulator_import.py --instances $${BENCH_INSTANCES:-20000}
 	$(PY) bench/bq_dml.py
 
 ## the reliability suite at full size; exits non-zero when a figure is not met (make test runs it small)

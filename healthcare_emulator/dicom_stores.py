@@ -9,10 +9,10 @@ from werkzeug.wrappers import Response
 
 from . import datasets, messages
 from .errors import ApiError, invalid, not_found
-from .export import parse_table_uri
 from .http_util import json_response, list_page, read_json
 from .ids import ID_RE, LABEL_KEY_RE, LABEL_VALUE_RE, parent_of
 from .routing import Call
+from .streaming import check_configs as check_stream_configs
 
 log = logging.getLogger("healthcare_emulator")
 
@@ -50,9 +50,7 @@ def check_body(app, body: dict) -> None:
     if any(topics) and app.notifier is None:
         log.warning("notifications to %s will not be sent: set PUBSUB_EMULATOR_HOST to publish them "
                     "through Google's Pub/Sub emulator", ", ".join(t for t in topics if t))
-    for i, sc in enumerate(body.get("streamConfigs", [])):
-        parse_table_uri(sc.get("bigqueryDestination", {}).get("tableUri", ""),
-                        f"stream_configs[{i}].bigquery_destination.table_uri")
+    check_stream_configs(body.get("streamConfigs", []))
 
 
 def list_stores(app, call: Call) -> Response:

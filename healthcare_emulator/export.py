@@ -10,6 +10,8 @@ operations.py owns the operation (its record, counter, logs and cancel flag) and
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import threading
@@ -186,6 +188,7 @@ class Job:
     total: int = 0
     schema: list = field(default_factory=list)
     parts: list = field(default_factory=list)
+    schemas: dict = field(default_factory=dict)  # chunk schemas, one object per distinct schema
 
     def progress(self) -> None:
         pending = max(self.total - self.success - self.failure, 0)
@@ -303,7 +306,12 @@ def collect(job: Job, d: Destination, spill_path: str, result: dict) -> None:
                  [("WARNING", res, 3, msg) for res, msg in result["issues"]])
     if not d.as_json:
         job.schema = dicom_bq.union_schemas(job.schema, result["schema"])
-    job.parts.append(Part(spill_path, result["schema"], result["conflict"]))
+    # Chunks of a store mostly share a few schemas: keep one object per distinct schema, so what is kept
+    # per chunk is a path and a reference (memory does not grow with the store's size).
+    key = json.dumps(result["schema"], sort_keys=True)
+    chunk_schema = job.schemas.setdefault(hashlib.sha256(key.encode()).digest(), result["schema"])
+    if result["success"]:  # a chunk with no row spilled nothing
+        job.parts.append(Part(spill_path, chunk_schema, result["conflict"]))
     job.progress()
 
 
@@ -347,15 +355,23 @@ def final_schema(job: Job, d: Destination, existing) -> list:
     return schema
 
 
-def batches(parts: list[Part], schema: list, as_json: bool) -> Iterator[list[dict]]:
-    """The spilled rows, conformed to the final schema where their chunk's schema differs from it."""
+def batches(parts: list[Part], schema: list, as_json: bool) -> Iterator:
+    """The spilled chunks in the final schema: Arrow batches re-shaped column by column (new columns NULL)
+    when their chunk's schema fits the final one, else (a type conflict) Python rows conformed to it."""
     from . import dicom_bq, mapper
+    from .warehouse import conform_batch, normalize_schema
 
+    final = normalize_schema(schema)
+    normalized: dict[int, list] = {}
     for part in parts:
-        rows = mapper.load_chunk(part.path)
-        if not as_json and (part.conflict or not mapper.fits(schema, part.schema)):
-            rows = [dicom_bq.conform_row(r, schema) for r in rows]
-        yield rows
+        if as_json or not (part.conflict or not mapper.fits(schema, part.schema)):
+            chunk = normalized.get(id(part.schema))
+            if chunk is None:
+                chunk = normalized[id(part.schema)] = normalize_schema(part.schema)
+            for b in mapper.load_batches(part.path):
+                yield conform_batch(b, chunk, final)
+        else:
+            yield [dicom_bq.conform_row(r, schema) for r in mapper.load_chunk(part.path)]
         os.unlink(part.path)
 
 

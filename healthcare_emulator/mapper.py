@@ -1,11 +1,13 @@
 """Read and map a chunk of stored instances to rows, spilled to a file: the export's first pass.
 
 Runs in worker processes (the export's CPU-bound part spreads over the cores) or in the export
-thread itself. Imports only the pure mapping module, so a worker starts fast.
+thread itself. The rows leave the worker as Arrow data (an Arrow IPC file in the chunk's own schema,
+built with the warehouse's RowEncoder), so the server's second pass only re-shapes columns
+(`warehouse.conform_batch`) and encodes Parquet: no Python row is rebuilt there unless a chunk's
+types conflict with the export's final schema.
 """
 from __future__ import annotations
 
-import pickle
 from datetime import datetime
 
 from . import dicom_bq
@@ -27,8 +29,10 @@ def fits(schema: list, sub: list) -> bool:
 
 
 def map_chunk(items: list[tuple], spill: str, as_json: bool, source: str | None) -> dict:
-    """items: (blob path, size, stored_at RFC 3339, resource name). Writes the rows to `spill` (one pickle);
-    returns {"schema", "conflict", "success", "failed": [resource], "issues": [(resource, text)]}."""
+    """items: (blob path, size, stored_at RFC 3339, resource name). Writes the rows to `spill` (an Arrow
+    IPC file in the chunk's schema; none when no row) and returns {"schema", "conflict" (always False:
+    rows are conformed to the chunk's schema here), "success", "failed": [(resource, text)],
+    "issues": [(resource, text)]}."""
     schema: list = dicom_bq.JSON_SCHEMA(bool(source)) if as_json else []
     conflict = False
     seen: dict[int, list] = {}
@@ -52,11 +56,42 @@ def map_chunk(items: list[tuple], spill: str, as_json: bool, source: str | None)
             continue
         rows.append(row)
         issues.extend((resource, text) for text in row_issues)
-    with open(spill, "wb") as f:
-        pickle.dump(rows, f, protocol=pickle.HIGHEST_PROTOCOL)
-    return {"schema": schema, "conflict": conflict, "success": len(rows), "failed": failed, "issues": issues}
+    if conflict:
+        rows = [dicom_bq.conform_row(r, schema) for r in rows]
+    if rows:
+        write_spill(spill, schema, rows)
+    return {"schema": schema, "conflict": False, "success": len(rows), "failed": failed, "issues": issues}
+
+
+def write_spill(spill: str, schema: list, rows: list[dict]) -> None:
+    import pyarrow as pa
+
+    from .warehouse import RowEncoder, normalize_schema
+    batch = RowEncoder(normalize_schema(schema), "export").batch(rows)
+    with pa.OSFile(spill, "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+
+
+def load_batches(spill: str):
+    """The spilled record batches, memory-mapped (nothing is copied into the heap)."""
+    import pyarrow as pa
+    with pa.memory_map(spill, "r") as source:
+        reader = pa.ipc.open_file(source)
+        for i in range(reader.num_record_batches):
+            yield reader.get_batch(i)
 
 
 def load_chunk(spill: str) -> list[dict]:
-    with open(spill, "rb") as f:
-        return pickle.load(f)
+    """The spilled rows as Python values (for a chunk whose types conflict with the final schema)."""
+    return [r for b in load_batches(spill) for r in _strip_nulls(b.to_pylist())]
+
+
+def _strip_nulls(rows: list[dict]) -> list[dict]:
+    """Arrow gives every column for every row; a row of dicom_bq has only the keys it set (NULL = absent)."""
+    def clean(v):
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items() if x is not None and x != []}
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        return v
+    return [clean(r) for r in rows]

@@ -17,6 +17,10 @@ For every instance stored or deleted, one message per configured topic, in the r
   removed, each naming that instance, with `action` `DeleteSeries` / `DeleteStudy`; `versionId` is
   the deleted version's, `lastUpdatedTime` the time of the delete.
 
+Imported instances (`dicomStores.import`) are sent with the action `ImportDicomData` to every
+`notificationConfigs[]` topic, and to the legacy topic only when `notificationConfig.sendForBulkImport`
+is true ("Indicates whether or not to send Pub/Sub notifications on bulk import").
+
 An empty topic sends nothing ("notifications are only sent if the topic is non-empty"). A topic that
 does not exist, or a Pub/Sub emulator that cannot be reached, is logged (WARNING, naming the topic and
 the instance) and nothing else happens: the store or delete has already succeeded, as in the real
@@ -71,8 +75,11 @@ def messages_for(store_resource: dict, store: str, action: str, instance: dict) 
             f"/instances/{instance['sop']}")
     data = name.encode("utf-8")
     out = []
-    legacy = (store_resource.get("notificationConfig") or {}).get("pubsubTopic")
-    if legacy and action == "StoreInstances":  # the legacy config is for new instances only
+    legacy_config = store_resource.get("notificationConfig") or {}
+    legacy = legacy_config.get("pubsubTopic")
+    # the legacy config is for new instances only: stored, or imported when sendForBulkImport is set
+    if legacy and (action == "StoreInstances" or (action == "ImportDicomData"
+                                                  and legacy_config.get("sendForBulkImport"))):
         out.append((legacy, data, {}))
     configs = store_resource.get("notificationConfigs") or []
     if configs:
@@ -82,7 +89,7 @@ def messages_for(store_resource: dict, store: str, action: str, instance: dict) 
                  "versionId": version_id(instance.get("stored_at")), "lastUpdatedTime": rfc1123(changed)}
         if instance.get("modality"):
             attrs["modality"] = str(instance["modality"])
-        if action == "StoreInstances":
+        if action in ("StoreInstances", "ImportDicomData"):
             attrs["storageClass"] = "STANDARD"
         for c in configs:
             if c.get("pubsubTopic"):

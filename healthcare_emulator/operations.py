@@ -253,6 +253,9 @@ class Operations:
         if row is None:
             return
         req = json.loads(row["request"])
+        if req.get("kind") == "import":
+            from . import imports
+            return imports.run(self, name, req)
         spill = self.state.tmp_dir / f"{name.rsplit('/', 1)[1]}.spill"
         try:
             success, failure = self._export(name, req["store"], req["body"], spill)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from werkzeug.wrappers import Request, Response
 
-from . import datasets, dicom_stores
+from . import datasets, dicom_stores, imports, metrics
 from .errors import ApiError, invalid
 from .http_util import (  # noqa: F401 - re-exported: importers of server keep working
     MAX_JSON_BODY,
@@ -27,6 +27,7 @@ from .ids import ID_RE, LABEL_KEY_RE, LABEL_VALUE_RE, LOCATION_RE, PROJECT_RE  #
 from .operations import Operations, cancel_operation, get_operation, list_operations
 from .routing import RouteTable, route
 from .state import State
+from .streaming import Streamer
 
 log = logging.getLogger("healthcare_emulator")
 
@@ -34,6 +35,9 @@ log = logging.getLogger("healthcare_emulator")
 # Templates and their matching rules: routing.py. The first template that matches wins.
 D = "projects/{project}/locations/{location}/datasets/{dataset}"
 ROUTES = RouteTable([
+    route(D + "/dicomStores/{dicomStore}/dicomWeb/studies/{study}:getStudyMetrics", GET=metrics.study_route),
+    route(D + "/dicomStores/{dicomStore}/dicomWeb/studies/{study}/series/{series}:getSeriesMetrics",
+          GET=metrics.series_route),
     route(D + "/dicomStores/{dicomStore}/dicomWeb{path*}", ANY=dicom_stores.dicomweb),
     route("projects/{project}/locations/{location}/datasets", GET=datasets.list_datasets, POST=datasets.create),
     route(D, GET=datasets.get, DELETE=datasets.delete),
@@ -41,6 +45,8 @@ ROUTES = RouteTable([
     route(D + "/dicomStores/{dicomStore}", GET=dicom_stores.get, PATCH=dicom_stores.patch,
           DELETE=dicom_stores.delete),
     route(D + "/dicomStores/{dicomStore}:export", POST=dicom_stores.export),
+    route(D + "/dicomStores/{dicomStore}:import", POST=imports.start_route),
+    route(D + "/dicomStores/{dicomStore}:getDICOMStoreMetrics", GET=metrics.store_route),
     route(D + "/operations", GET=list_operations),
     route(D + "/operations/{operation}", GET=get_operation),
     route(D + "/operations/{operation}:cancel", POST=cancel_operation),
@@ -69,6 +75,7 @@ class App:
         if os.environ.get("PUBSUB_EMULATOR_HOST"):
             from .notifications import Notifier  # store notifications through Google's Pub/Sub emulator
             self.notifier = Notifier(self)
+        self.streamer = Streamer(self)  # streamConfigs: stored instances appended to BigQuery tables
 
     # -- helpers passed to dicomweb -----------------------------------------------------------
     def base_url(self, request: Request) -> str:
@@ -80,6 +87,10 @@ class App:
                 self.notifier(store, action, instance)
         except Exception:  # storing must succeed even when a notification cannot be sent
             log.exception("notification for %s failed", store)
+        try:
+            self.streamer(store, action, instance)
+        except Exception:  # nor when it cannot be streamed
+            log.exception("streaming for %s failed", store)
 
     # -- WSGI ----------------------------------------------------------------------------------
     def __call__(self, environ, start_response):

@@ -523,28 +523,20 @@ def _json_prep(fields: list[dict]) -> Callable[[dict], dict]:
 # --------------------------------------------------------------------------- staged writer
 
 
-class _StagedWriter:
-    """Streams row batches into Parquet files in a private staging folder."""
+class RowEncoder:
+    """Rows (dicts) -> Arrow record batches of a normalised schema, with BigQuery's rules enforced
+    (unknown fields, REQUIRED, no NULL in arrays, JSON as text). Used by the staged writer, and by
+    export workers that hand the server Arrow data instead of Python rows."""
 
-    def __init__(self, staging: Path, fields: list[dict], label: str):
-        self.staging = staging
+    def __init__(self, fields: list[dict], label: str):
         self.fields = fields
         self.label = label
         self.schema = arrow_schema(fields)
         self.names = frozenset(f["name"] for f in fields)
         self.norm = [(i, f) for i, f in enumerate(fields) if _needs_normalize(f)]
         self.prep = _json_prep(fields) if _has_json(fields) else None
-        self.files: list[dict] = []
-        self._writer: pq.ParquetWriter | None = None
-        self._path: Path | None = None
-        self._file_rows = 0
-        self._buf: list[pa.RecordBatch] = []
-        self._buf_rows = 0
-        self._buf_bytes = 0
 
-    def add_rows(self, rows: list[dict]) -> None:
-        if not rows:
-            return
+    def batch(self, rows: list[dict]) -> pa.RecordBatch:
         for row in rows:
             if not isinstance(row, dict):
                 raise _invalid(f"Rows for {self.label} must be objects, got {type(row).__name__}")
@@ -570,7 +562,38 @@ class _StagedWriter:
                     changed = True
             if changed:
                 batch = pa.RecordBatch.from_arrays(cols, schema=self.schema)
-        self.add_batch(batch)
+        return batch
+
+
+def conform_batch(batch: pa.RecordBatch, old: list[dict], new: list[dict]) -> pa.RecordBatch:
+    """A batch written under normalised schema ``old`` re-shaped to ``new``, an additive widening of it
+    (new columns and nested fields NULL or [], relaxed modes): column by column, no row is touched."""
+    if _strip(old) == _strip(new):
+        return batch
+    return _conform_batch(batch, old, new, arrow_schema(new))
+
+
+class _StagedWriter:
+    """Streams row batches into Parquet files in a private staging folder."""
+
+    def __init__(self, staging: Path, fields: list[dict], label: str):
+        self.staging = staging
+        self.fields = fields
+        self.label = label
+        self.encoder = RowEncoder(fields, label)
+        self.schema = self.encoder.schema
+        self.files: list[dict] = []
+        self._writer: pq.ParquetWriter | None = None
+        self._path: Path | None = None
+        self._file_rows = 0
+        self._buf: list[pa.RecordBatch] = []
+        self._buf_rows = 0
+        self._buf_bytes = 0
+
+    def add_rows(self, rows: list[dict]) -> None:
+        if not rows:
+            return
+        self.add_batch(self.encoder.batch(rows))
 
     def add_batch(self, batch: pa.RecordBatch) -> None:
         if batch.num_rows == 0:
@@ -899,7 +922,16 @@ class Warehouse:
             if cancelled is not None and cancelled():
                 raise WarehouseError("CANCELLED", f"Write to {label} was cancelled")
             for batch in batches:
-                writer.add_rows(list(batch))
+                if isinstance(batch, pa.RecordBatch):  # Arrow data in the schema given (``fields``)
+                    if not batch.schema.equals(writer.schema):
+                        try:
+                            batch = _conform_batch(batch, fields, target, writer.schema)
+                        except (KeyError, pa.ArrowException) as exc:
+                            raise _invalid(f"Arrow batch for {label} does not have the schema given: "
+                                           f"{exc}") from None
+                    writer.add_batch(batch)
+                else:
+                    writer.add_rows(list(batch))
                 if cancelled is not None and cancelled():
                     raise WarehouseError("CANCELLED", f"Write to {label} was cancelled")
             staged = writer.finish()

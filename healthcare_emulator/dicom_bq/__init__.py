@@ -61,9 +61,16 @@ Mapping, and the decisions taken where Google's documentation is silent
 * Private elements (odd group, incl. private creators) and public tags without
   a keyword (e.g. retired group lengths gggg,0000) go to ``OtherElements`` REPEATED RECORD {Tag STRING "Tag_GGGGEEEE",
   Data STRING REPEATED}, at every level; their sequences become columns named
-  ``Tag_GGGGEEEE``.  Repeating-group tags (50xx, 60xx, 7Fxx, ...) use their
-  keyword only for the first group (e.g. 6000); other groups (6002, ...) would
-  collide on one column and are treated like unknown tags.
+  ``Tag_GGGGEEEE``.
+* Repeating groups (curves 50xx, overlays 60xx, 7Fxx), as the real export
+  writes them: one column per keyword, RECORD REPEATED {Id STRING, Value
+  <the VR's type>} (Value REPEATED when the dictionary VM allows several
+  values), one item per group present, in group order, at every nesting level.
+  ``Id`` is the group as four upper-case hex digits ("6000", "6002"): the
+  real service does not document it.  Groups 6000 and 6002 in one file give
+  ``OverlayRows`` two items; the schema is the same whatever groups a file
+  has, so exports of several files union to one column.  Binary elements
+  (OverlayData) are dropped and listed in DroppedTags by keyword.
 * A value that cannot be typed for its column (malformed DA/TM/DT, a number
   column holding text, VM>1 values for a VM 1 tag, a PN with more than 3
   groups or 5 components, a UV above the INTEGER range, a value whose explicit

@@ -124,7 +124,7 @@ def _flat_ds(ds, rec: _Record, scope: _Scope, ctx: _Ctx, skip=None) -> None:
             continue
         info = _TAGINFO.get(tag) or _tag_info(tag)
         try:
-            if elem.__class__ is Raw and (
+            if elem.__class__ is Raw and info.group_id is None and (
                     _fast_public(row, fields, info, elem, enc) if info.col is not None
                     else level < MAX_NESTING and _fast_private(others, info, elem, enc)):
                 continue
@@ -230,7 +230,21 @@ def _flat_column(rec: _Record, tag: int, info: TagInfo, vr: str, vals: list, sco
                   "nesting levels; dropped")
         ctx.drop(info.name)
         return
-    rec.row[info.name] = typed if info.repeated else typed[0]
+    value = typed if info.repeated else typed[0]
+    if info.group_id is not None:  # one item {Id: group, Value} per group, in one column per keyword
+        if scope.level + 1 > MAX_NESTING:
+            ctx.issue(f"{_label(scope.path, tag, info)}: repeating-group column deeper than {MAX_NESTING} "
+                      "nesting levels; dropped")
+            ctx.drop(info.name)
+            return
+        items = rec.row.get(info.name)
+        if items is None:
+            rec.row[info.name] = [{"Id": info.group_id, "Value": value}]
+            rec.fields.append(info.field)
+        else:
+            items.append({"Id": info.group_id, "Value": value})
+        return
+    rec.row[info.name] = value
     rec.fields.append(info.field)
 
 

@@ -43,6 +43,17 @@ def _fld(name: str, typ: str, repeated: bool) -> dict:
     return f
 
 
+def _group_fld(name: str, typ: str, repeated: bool) -> dict:
+    """Shared field dict of a repeating-group column: RECORD REPEATED {Id STRING, Value typ}, Value
+    REPEATED when the dictionary VM allows several values."""
+    key = ("group", name, typ, repeated)
+    f = _FIELDS.get(key)
+    if f is None:
+        f = _FIELDS[key] = {"name": name, "type": "RECORD", "mode": "REPEATED", "fields": [
+            _sf("Id", "STRING"), _sf("Value", typ, "REPEATED" if repeated else "NULLABLE")]}
+    return f
+
+
 def JSON_SCHEMA(include_source_store: bool) -> list[dict]:
     """Fixed schema of the schemaJson layout (see the package docstring)."""
     s = [_sf("StudyInstanceUID", "STRING"), _sf("SeriesInstanceUID", "STRING"),

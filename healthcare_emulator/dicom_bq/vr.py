@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from pydicom.datadict import DicomDictionary, RepeatersDictionary, get_entry, keyword_dict, mask_match
 
-from .schema import _BQ_TYPE, _fld
+from .schema import _BQ_TYPE, _fld, _group_fld
 
 # decode kind of the VR an element is encoded with
 #  a: ASCII text, split on "\"   u: ASCII text, single value (UR)
@@ -49,6 +49,8 @@ class TagInfo:
     hexname: str         # Tag_GGGGEEEE
     json_key: str        # GGGGEEEE (the DICOM JSON model's key)
     field: dict | None   # the column's shared field dict, or None
+    group_id: str | None = None  # element of a repeating group (curves 50xx, overlays 60xx, 7Fxx): the
+                                 # group as four upper-case hex digits, the `Id` of its item in the column
 
 
 _TAGINFO: dict[int, TagInfo] = {}
@@ -61,6 +63,15 @@ def _tag_info(tag: int) -> TagInfo:
     hexname = "Tag_%08X" % tag
     info = TagInfo(hexname, None, False, None, hexname, hexname[4:], None)
     if not (tag >> 16) & 1:
+        mask = mask_match(tag) if tag not in DicomDictionary else None
+        if mask and mask[2:4] == "xx":  # a repeating group: one RECORD REPEATED {Id, Value} column per keyword
+            vr, vm, _n, _r, kw = RepeatersDictionary[mask]
+            ck = _COLK.get(vr, "B")
+            bq = _BQ_TYPE.get(ck)
+            info = TagInfo(kw, ck, vm != "1", vr if vr in _VRK else None, hexname, hexname[4:],
+                           _group_fld(kw, bq, vm != "1") if bq else None, "%04X" % (tag >> 16))
+            _TAGINFO[tag] = info
+            return info
         try:
             vr, vm, _n, _r, kw = get_entry(tag)
         except KeyError:

@@ -518,12 +518,16 @@ def test_empty_values_sequences_and_items():
     assert issues == []
 
 
-def test_repeating_groups_only_first_group_gets_the_keyword():
+def test_repeating_groups_are_one_record_column_per_keyword_with_an_item_per_group():
     ds = make_ds(raw(0x60000010, "US", b"\x02\x00"), raw(0x60020010, "US", b"\x03\x00"),
                  raw(0x60003000, "OW", b"\x00\x00"))
-    row, _, _ = m.flattened_row(ds)
-    assert row["OverlayRows"] == 2
-    assert row["OtherElements"] == [{"Tag": "Tag_60020010", "Data": ["3"]}]
+    row, schema, _ = m.flattened_row(ds)
+    assert row["OverlayRows"] == [{"Id": "6000", "Value": 2}, {"Id": "6002", "Value": 3}]
+    assert "OtherElements" not in row
+    assert [f for f in schema if f["name"] == "OverlayRows"] == [
+        {"name": "OverlayRows", "type": "RECORD", "mode": "REPEATED",
+         "fields": [{"name": "Id", "type": "STRING", "mode": "NULLABLE"},
+                    {"name": "Value", "type": "INTEGER", "mode": "NULLABLE"}]}]
     assert "OverlayData" in dropped(row)
 
 
