@@ -47,8 +47,9 @@ def export_request(cloud_event: Any) -> None:
 
 @functions_framework.cloud_event
 def ingest_notification(cloud_event: Any) -> None:
-    """Pub/Sub messagePublished on a DICOM store's notification topic: record the stored instance for the
-    next batched WRITE_APPEND export of its route (INGEST_ROUTES; docs/design.md, "Ingest"). Returning
+    """Pub/Sub messagePublished on a DICOM store's notification topic: record the stored or deleted instance
+    for the next batch of its route, which deletes its rows and exports what the store has (INGEST_ROUTES;
+    docs/design.md, "Ingest", "Deletions and replacements"). Returning
     acknowledges (the arrival is recorded); raising makes Pub/Sub redeliver the notification."""
     from handlers import ingest
 
@@ -71,3 +72,12 @@ def export_status(request: Any) -> Any:
     from handlers import status
 
     return status.handle(request)
+
+
+@functions_framework.cloud_event
+def reconcile_tables(cloud_event: Any) -> None:
+    """Pub/Sub on the reconcile topic (Cloud Scheduler's tick): compare each routed table with its DICOM store
+    and heal what differs through ingest batches (handlers/reconcile.py). Always acknowledges."""
+    from handlers import reconcile
+
+    reconcile.handle(cloud_event)

@@ -59,6 +59,12 @@ class Settings:
     ingest_filter_bucket: str | None = None
     ingest_batch_max_instances: int = 1000
     ingest_batch_max_age_s: float = 60.0
+    # Deletions, re-driven batches and reconcile (docs/design.md, "Deletions and replacements", "Reconcile"):
+    ingest_batch_max_attempts: int = 5
+    ingest_retry_backoff_s: float = 60.0
+    reconcile_max_studies: int = 5000
+    reconcile_max_instances: int = 20000
+    reconcile_dry_run: bool = False
     # Where the Google APIs are (handlers/wiring.py passes them to the adapters): emulators when set, else Google's endpoints.
     firestore_database: str = "(default)"
     firestore_emulator_host: str | None = None
@@ -67,10 +73,18 @@ class Settings:
     credentials_file: str | None = None  # GOOGLE_APPLICATION_CREDENTIALS
     on_google_cloud: bool = False  # K_SERVICE is set: Cloud Functions gen2 / Cloud Run
     metadata_host: str = "metadata.google.internal"
+    # Resource Manager: the service agent's project number in an export failure's remedy; BigQuery: ingest's
+    # deletions and replacements, reconcile_tables, preflight.
+    resource_manager_endpoint: str = "https://cloudresourcemanager.googleapis.com"
+    bigquery_endpoint: str = "https://bigquery.googleapis.com"
 
     @property
     def healthcare_is_local(self) -> bool:
         return is_loopback_url(self.healthcare_endpoint)
+
+    @property
+    def bigquery_is_local(self) -> bool:
+        return is_loopback_url(self.bigquery_endpoint)
 
 
 def is_loopback_url(url: str) -> bool:
@@ -193,6 +207,24 @@ def _routes_json(text: str) -> dict[str, Any]:
     return routes
 
 
+def _table_settings(env: Env) -> dict[str, Any]:
+    """Settings of deletions, re-driven batches and reconcile_tables."""
+    def bounded(name: str, default: float, lo: float, hi: float, integer: bool = False) -> Any:
+        value = _number(env, name, default, minimum=lo, integer=integer)
+        if value > hi:
+            raise SettingsError(f"{name}={value}: must be at most {hi}")
+        return value
+
+    dry = env.get("RECONCILE_DRY_RUN", "").strip().lower()
+    if dry not in ("", "0", "1", "false", "true"):
+        raise SettingsError(f"RECONCILE_DRY_RUN={dry!r}: must be true or false")
+    return dict(ingest_batch_max_attempts=bounded("INGEST_BATCH_MAX_ATTEMPTS", 5, 1, 100, integer=True),
+                ingest_retry_backoff_s=bounded("INGEST_RETRY_BACKOFF_S", 60.0, 0.1, 86400),
+                reconcile_max_studies=bounded("RECONCILE_MAX_STUDIES", 5000, 1, 1_000_000, integer=True),
+                reconcile_max_instances=bounded("RECONCILE_MAX_INSTANCES", 20000, 1, 10_000_000, integer=True),
+                reconcile_dry_run=dry in ("1", "true"))
+
+
 def _route(store: str, value: Any) -> tuple[str, dict[str, Any]]:
     """A route's table URI and extra bigqueryDestination fields: "bq://P.D.T", or {"tableUri": "bq://P.D.T",
     "schemaJson": {}} (also schemaFlattened, includeSourceStore), passed to every batch's destination."""
@@ -246,20 +278,28 @@ def _endpoint_settings(env: Env) -> dict[str, Any]:
                 pubsub_emulator_host=_host_port(env, "PUBSUB_EMULATOR_HOST"),
                 storage_emulator_host=_host_port(env, "STORAGE_EMULATOR_HOST"),
                 credentials_file=env.get("GOOGLE_APPLICATION_CREDENTIALS", "").strip() or None,
-                on_google_cloud=bool(env.get("K_SERVICE", "").strip()), metadata_host=metadata)
+                on_google_cloud=bool(env.get("K_SERVICE", "").strip()), metadata_host=metadata,
+                resource_manager_endpoint=_api_root(env, "RESOURCE_MANAGER_API_ENDPOINT",
+                                                    "https://cloudresourcemanager.googleapis.com"),
+                bigquery_endpoint=_api_root(env, "BIGQUERY_API_ENDPOINT", "https://bigquery.googleapis.com"))
+
+
+def _api_root(env: Env, name: str, default: str) -> str:
+    """An API's root URL (NAME=https://..., Google's by default); plain http only for a loopback emulator."""
+    endpoint = (env.get(name, "").strip() or default).rstrip("/")
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise SettingsError(f"{name}={endpoint!r}: must be an http(s) URL such as {default}")
+    if parts.scheme == "http" and not is_loopback_url(endpoint):
+        # A bearer token must never travel in clear text: plain http only for a local emulator.
+        raise SettingsError(f"{name}={endpoint!r}: plain http is allowed only for a local "
+                            "emulator (localhost or a loopback address)")
+    return endpoint
 
 
 def _healthcare(env: Env) -> tuple[str, str]:
     """HEALTHCARE_API_ENDPOINT and HEALTHCARE_API_VERSION."""
-    endpoint = (env.get("HEALTHCARE_API_ENDPOINT", "").strip() or "https://healthcare.googleapis.com").rstrip("/")
-    parts = urlsplit(endpoint)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-        raise SettingsError(f"HEALTHCARE_API_ENDPOINT={endpoint!r}: must be an http(s) URL such as "
-                            "https://healthcare.googleapis.com")
-    if parts.scheme == "http" and not is_loopback_url(endpoint):
-        # A bearer token must never travel in clear text: plain http only for a local emulator.
-        raise SettingsError(f"HEALTHCARE_API_ENDPOINT={endpoint!r}: plain http is allowed only for a local "
-                            "emulator (localhost or a loopback address)")
+    endpoint = _api_root(env, "HEALTHCARE_API_ENDPOINT", "https://healthcare.googleapis.com")
 
     version = env.get("HEALTHCARE_API_VERSION", "").strip() or "v1"
     if version not in ("v1", "v1beta1"):
@@ -305,6 +345,7 @@ def load(env: Env | None = None) -> Settings:
         **_poll_settings(env),
         **_ingest_settings(env),
         **_endpoint_settings(env),
+        **_table_settings(env),
     )
     if settings.intake_lease_s <= budget:
         raise SettingsError(f"INTAKE_LEASE_S={settings.intake_lease_s}: must be longer than "

@@ -1,7 +1,7 @@
-"""ingest_notification: DICOM store notifications -> batched WRITE_APPEND export requests.
+"""ingest_notification: DICOM store notifications -> batches applied to the route's table.
 
-One notification = one instance stored (or deleted) in a DICOM store. For a store named in
-INGEST_ROUTES the function records the instance as an *arrival* (one Firestore document, created
+One notification = one instance stored or deleted in a DICOM store. For a store named in
+INGEST_ROUTES the function records the change as an *arrival* (one Firestore document, created
 once: a redelivery adds nothing) and acknowledges. Arrivals of a route (store -> table) are closed into
 a *batch* when INGEST_BATCH_MAX_INSTANCES of them are pending, or when the oldest has waited
 INGEST_BATCH_MAX_AGE_S and the table is idle. A batch is exported by publishing an ordinary export
@@ -15,10 +15,13 @@ Closing a batch, each step recorded before the next (docs/design.md, "Ingest"; d
   2. the arrivals are marked BATCHED (idempotent);
   3. the filter file is written, create-only, named after its content (idempotent);
   4. the batch becomes READY and the route's marker is cleared (one atomic write).
-Exporting a batch:
+Applying a batch (handlers/batch_apply.py: docs/design.md, "Deletions and replacements", "Failed batches"):
   5. claim the table (batch READY -> PUBLISHING, table.running = batch) in one atomic write;
-  6. publish the request (deterministic bytes; requestId = "ingest-" + batch id), then PUBLISHED;
-  7. when the request's ledger document is terminal: release the table and record the outcome.
+  6. the DML job deleting the rows of every instance the batch touches, recorded on the batch;
+  7. publish the request of the instances it stores (deterministic bytes; requestId = "ingest-" + batch id,
+     then "-a<N>" for a later attempt), then PUBLISHED; a batch of deletions only is done at step 6;
+  8. when the request's ledger document is terminal: release the table and record the outcome; a failed
+     attempt keeps the table and is tried again after a backoff (RETRYING), then is surfaced.
 Whoever finds a batch part-way (the next notification of the route, or the poller's tick through
 `close_aged_batches`) finishes it; every step can be redone, and the intake de-duplicates requests
 on requestId, so a crash anywhere loses no arrival and exports no batch twice.
@@ -29,7 +32,6 @@ import base64
 import binascii
 import hashlib
 import json
-import re
 import threading
 import time
 from datetime import datetime, timedelta
@@ -39,6 +41,7 @@ import config
 from handlers import wiring
 from handlers.adapters import logs
 from handlers.core import batches as B
+from handlers.core import changes as C
 from handlers.core.batches import (
     BATCH_RETENTION,
     DEDUP_RETENTION,
@@ -55,15 +58,13 @@ from handlers.core.ledger import TERMINAL, Doc
 
 if TYPE_CHECKING:
     from handlers.adapters.batch_store import IngestLedger
+    from handlers.adapters.bigquery import BigQuery
     from handlers.adapters.gcs import FilterFiles
     from handlers.adapters.ledger_store import Ledger
     from handlers.adapters.pubsub import Events
 
 __all__ = ["Ingest", "Route", "arrival_id", "close_aged_batches", "handle", "request_id_of"]
 
-NOTIFICATION_RE = re.compile(
-    r"^(projects/[^/\s]+/locations/[^/\s]+/datasets/[^/\s]+/dicomStores/[^/\s]+)"
-    r"/dicomWeb/studies/([^/\s]{1,128})/series/([^/\s]{1,128})/instances/([^/\s]{1,128})$")
 
 
 # -- entry points --------------------------------------------------------------------------------------------
@@ -97,6 +98,21 @@ def _text(data: Any) -> str | None:
         return None
 
 
+def _outcome(created: bool, kind: str, fields: Doc) -> str:
+    """Log what a notification was; return its `ingestOutcome`."""
+    if not created:
+        logs.info("duplicate notification: already recorded", ingestOutcome="duplicate", **fields)
+        return "duplicate"
+    if kind == C.ARRIVAL:
+        logs.info("instance recorded for the next batch", ingestOutcome="recorded", **fields)
+        return "recorded"
+    if kind == C.DELETION:
+        logs.info("deletion recorded for the next batch (its rows are deleted)", ingestOutcome="deletion", **fields)
+        return "deletion"
+    logs.info("notification ignored: not an instance stored or deleted", ingestOutcome="ignored", **fields)
+    return "ignored"
+
+
 # in-process throttles of the notification path (the tick always checks everything)
 _table_checked: dict[str, float] = {}
 _table_lock = threading.Lock()
@@ -107,8 +123,11 @@ _closing: dict[str, threading.Lock] = {}  # one closer per route per instance; t
 
 class Ingest:
     def __init__(self, settings: config.Settings, ledger: IngestLedger, requests_ledger: Ledger, files: FilterFiles,
-                 requests: Events):
+                 requests: Events, bigquery: BigQuery, events: Events):
+        from handlers.batch_apply import Apply
+
         self.s = settings
+        self.apply = Apply(settings, ledger, bigquery, events, self.publish)
         self.ledger = ledger
         self.requests_ledger = requests_ledger
         self.files = files
@@ -122,43 +141,35 @@ class Ingest:
     def notification(self, text: str | None, attributes: Doc, message_id: str,
                      published: datetime | None) -> str:
         """Record it; return the outcome (also logged as `ingestOutcome`)."""
-        m = NOTIFICATION_RE.match(text or "")
-        if not m:
-            logs.error("notification ignored: its data is not a DICOM instance resource name "
-                       "(projects/.../dicomStores/S/dicomWeb/studies/X/series/Y/instances/Z)",
+        res = C.parse_resource(text)
+        if res is None:
+            logs.error("notification ignored: its data is not a DICOM resource name "
+                       "(projects/.../dicomStores/S/dicomWeb/studies/X[/series/Y[/instances/Z]])",
                        ingestOutcome="malformed", dataPrefix=(text or "")[:200] if text is not None else None)
             return "malformed"
-        store, study, series, sop = m.groups()
-        path = f"/studies/{study}/series/{series}/instances/{sop}"
         action = str(attributes.get("action") or "")
-        table = self.routes.get(store)
+        table = self.routes.get(res.store)
         if table is None:
             logs.warning("notification ignored: INGEST_ROUTES names no destination for this store",
-                         ingestOutcome="unrouted", dicomStore=store, action=action or None)
+                         ingestOutcome="unrouted", dicomStore=res.store, action=action or None)
             return "unrouted"
-        route, kind = Route(store, table), B.arrival_kind(action)
+        route = Route(res.store, table)
+        kind = C.kind_of(action, res)
         version = str(attributes.get("versionId") or "")
-        if kind != "arrival" and not version:
+        if kind != C.ARRIVAL and not version:
             version = f"message:{message_id}"
         t = now()
-        arrived = published if published is not None and published <= t else t
-        doc = B.arrival_doc(route, path, kind, attributes, message_id, arrived, t)
+        doc = C.arrival_doc(route.fields(), res.path, kind, action=action or None,
+                            version_id=attributes.get("versionId"), message_id=message_id,
+                            arrived=published if published is not None and published <= t else t, recorded=t)
+        if kind == C.OTHER:
+            doc["expireAt"] = t + DEDUP_RETENTION
         self._ensure_route(route)
         created = self.ledger.record(arrival_id(text or "", kind, version), doc)
-        fields = dict(dicomStore=store, path=path, action=action or None, tableUri=table)
-        if not created:
-            logs.info("duplicate notification: already recorded", ingestOutcome="duplicate", **fields)
-            outcome = "duplicate"
-        elif kind == "arrival":
-            logs.info("instance recorded for the next batch", ingestOutcome="recorded", **fields)
-            outcome = "recorded"
-        elif kind == "deletion":
-            logs.warning("deletion notified: not exported (an export cannot delete rows; query the latest row "
-                         "per SOPInstanceUID)", ingestOutcome="deletion", **fields)
-            return "deletion"
-        else:
-            logs.info("notification ignored: not an instance being stored", ingestOutcome="ignored", **fields)
-            return "ignored"
+        outcome = _outcome(created, kind, dict(dicomStore=res.store, path=res.path, action=action or None,
+                                                tableUri=table))
+        if outcome not in ("recorded", "deletion"):
+            return outcome
         # The arrival is safe: from here on, problems are retried by the next notification or the tick.
         try:
             self.advance_route(route, check_table=self._table_due(route.table_key), route_doc={},
@@ -228,6 +239,13 @@ class Ingest:
                 continue
             for k in ("started", "released", "busy"):
                 summary[k] += result.get(k, 0)
+        try:
+            published = self.apply.sweep()
+            if published:
+                summary["failureEvents"] = published
+        except Exception as e:  # noqa: BLE001 - published by a later tick
+            logs.warning("ingest: could not publish recorded INGEST_BATCH_FAILED events; next tick retries",
+                         problem=f"{type(e).__name__}: {e}")
         if any(summary.values()):
             logs.info("ingest tick", **summary)
         return summary
@@ -274,8 +292,8 @@ class Ingest:
                 return None
             seq = int(r.get("seq") or 0)
             batch_id = f"{route.key}-{seq + 1:06d}"
-            paths = sorted({i["path"] for i in items})
-            text = filter_text(paths)
+            plan = C.plan(C.Change(i["path"], i.get("kind") == C.DELETION, i["arrivedAt"]) for i in items)
+            text = filter_text(list(plan.export_paths))
             name = f"ingest/{route.table_key}/{batch_id}-{hashlib.sha256(text.encode()).hexdigest()[:12]}.txt"
             t = now()
             destination = {"tableUri": route.table_uri, **self.options.get(route.store, {}),
@@ -283,11 +301,12 @@ class Ingest:
             batch = {**route.fields(), "batchId": batch_id, "requestId": request_id_of(batch_id), "seq": seq + 1,
                      "destination": destination,
                      "state": B.CLOSING, "reason": reason, "arrivalIds": [i["id"] for i in items],
-                     "paths": paths, "instances": len(paths), "filterObject": name,
+                     **plan.fields(), "instances": plan.instances, "attempt": 1, "filterObject": name,
                      "filterUri": self.files.uri(name), "oldestArrivalAt": items[0]["arrivedAt"],
                      "newestArrivalAt": items[-1]["arrivedAt"], "closedAt": t, "updatedAt": t}
             if self.ledger.open_batch(route.key, seq, batch_id, batch):
-                logs.info("ingest batch closed", ingestBatch=batch_id, reason=reason, instances=len(paths),
+                logs.info("ingest batch closed", ingestBatch=batch_id, reason=reason, instances=plan.instances,
+                          exports=len(plan.export_paths), deletions=sum(i.get("kind") == C.DELETION for i in items),
                           arrivals=len(items), dicomStore=route.store, tableUri=route.table_uri,
                           waitedS=round((t - items[0]["arrivedAt"]).total_seconds(), 3))
                 self.finish_close(batch_id)
@@ -346,7 +365,7 @@ class Ingest:
     def start(self, b: Doc) -> bool:
         if not self.ledger.claim_table(b["tableKey"], b["tableUri"], b["batchId"], b["requestId"]):
             return False
-        self.publish({**b, "state": B.PUBLISHING})
+        self.apply.begin({**b, "state": B.PUBLISHING})
         return True
 
     def request_of(self, b: Doc) -> Doc:
@@ -368,8 +387,9 @@ class Ingest:
         """For the table's running batch: finish publishing it, and release the table once the request's
         ledger document is terminal. True when the table was released."""
         if b["state"] == B.PUBLISHING:
-            self.publish(b)
-            return False
+            return self.apply.begin(b)
+        if b["state"] == B.RETRYING:
+            return self.apply.retry(b)
         if b["state"] in B.BATCH_FINAL:  # recorded, but the table was not released: release it now
             return self.ledger.release_table(b["tableKey"], b["batchId"], {})
         req = self.requests_ledger.get(b["requestId"])
@@ -381,9 +401,11 @@ class Ingest:
             return False
         if req.get("state") not in TERMINAL:
             return False
-        ok = req["state"] == "SUCCEEDED"
+        if req["state"] != "SUCCEEDED":
+            return self.apply.failed(b, {"requestId": b["requestId"], "requestState": req["state"],
+                                         "error": req.get("error")})
         counter = req.get("counter") or {}
-        updates = {"state": B.EXPORTED if ok else B.FAILED, "requestState": req["state"],
+        updates = {"state": B.EXPORTED, "requestState": req["state"],
                    "operation": req.get("operation"), "counter": counter, "error": req.get("error"),
                    "doneAt": now(), "expireAt": now() + BATCH_RETENTION}
         if not self.ledger.release_table(b["tableKey"], b["batchId"], updates):
@@ -391,11 +413,7 @@ class Ingest:
         failures = int(counter.get("failure") or 0) if isinstance(counter, dict) else 0
         fields = dict(ingestBatch=b["batchId"], requestId=b["requestId"], instances=b.get("instances"),
                       requestState=req["state"], counter=counter, tableUri=b["tableUri"], filterUri=b["filterUri"])
-        if not ok:
-            logs.error("ingest batch NOT exported: its export request ended " + req["state"] + "; its instances are "
-                       "not in the table. Re-drive it by publishing the same request with a new requestId "
-                       "(docs/operations.md, 'A failed batch')", error=req.get("error"), **fields)
-        elif failures:
+        if failures:
             logs.warning("ingest batch exported with failures (e.g. instances deleted before the export)",
                          **fields)
         else:

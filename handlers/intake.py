@@ -400,9 +400,11 @@ class Intake:
                     logs.warning("the export call failed ambiguously and no operation was started; retrying",
                                  problem=str(e))
         except ApiError as e:
+            error = _with_remedy(item.doc, e.rpc())
             logs.error(f"the Healthcare API refused the export: {e.status}: {e.message}",
-                       httpStatus=e.http_status, status=e.status)
-            return self.failed(item, e.rpc())
+                       httpStatus=e.http_status, status=e.status,
+                       **({"remedy": error["remedy"]} if "remedy" in error else {}))
+            return self.failed(item, error)
         except TransientError as e:
             return self.transient(item, e)
         except G.InvariantBroken as e:
@@ -526,6 +528,18 @@ class Intake:
                            gate.acquired_at)
         claimed = self.ledger.claimed([str(op["name"]) for op in ops])
         return G.sole([op for op in ops if op["name"] not in claimed], gate)
+
+def _with_remedy(doc: Doc, error: Doc) -> Doc:
+    """error.remedy for a refused export call that is about BigQuery (docs/contract.md, "Events"); built only on
+    that failure. Never fails the request: without it, the error as the API gave it."""
+    from handlers.core import remedy
+    try:
+        return remedy.with_remedy(error, doc, lambda p: wiring.resource_manager().project_number(p),
+                                  operation=False)
+    except Exception as e:  # noqa: BLE001 - a remedy is help, not the outcome
+        logs.warning(f"could not build the remedy of a refused export: {type(e).__name__}")
+        return error
+
 
 
 def new_document(parsed: req.Parsed, raw: bytes | None, message_id: str, *, published_at: datetime,

@@ -53,6 +53,8 @@ STATE_EVENT = {L.SUCCEEDED: ev.SUCCEEDED, L.FAILED: ev.FAILED, L.CANCELLED: ev.C
 # The fields a poll reads: those a terminal event is built from, the poll's own, and whether EXPORT_STARTED
 # is published (the page query reads only these, not the recorded events' bodies).
 POLL_FIELDS = (*L.EVENT_FIELDS, *L.POLL_OWN_FIELDS, L.published_field(ev.STARTED))
+# Failures that may be for want of the service agent's BigQuery grants: they get error.remedy (core/remedy.py)
+REMEDY_CODES = frozenset({5, 7})
 GONE_HINT = ("The API keeps an operation's record for about 30 days after it ends, so its outcome is unknown: "
              "check the destination table, or export again with a new requestId.")
 
@@ -232,6 +234,8 @@ def poll_one(tick: Tick, item: Versioned, writer: "_WriteBack") -> None:
         if not error:
             return finish(tick, item, L.SUCCEEDED, op, None)
         error = {"code": error.get("code", 2), "message": error.get("message", "")}
+        if error["code"] in REMEDY_CODES:
+            error = _with_remedy(doc, error)
         return finish(tick, item, L.CANCELLED if error["code"] == 1 else L.FAILED, op, error)
     if _age_s(doc, op, t) > s.max_operation_age_s:
         return _time_out(tick, item, op, t)
@@ -242,6 +246,17 @@ def poll_one(tick: Tick, item: Versioned, writer: "_WriteBack") -> None:
         if meta.get(key) is not None and meta.get(key) != doc.get(key):
             updates[key] = meta[key]
     writer.add(item, updates)
+
+
+def _with_remedy(doc: Doc, error: Doc) -> Doc:
+    """error.remedy (docs/contract.md, "Events"): built only here, on a failure, with the store project's number
+    from Resource Manager (once per instance). Never fails the poll: without it, the error as the API gave it."""
+    from handlers.core import remedy
+    try:
+        return remedy.with_remedy(error, doc, lambda p: wiring.resource_manager().project_number(p))
+    except Exception as e:  # noqa: BLE001 - a remedy is help, not the outcome
+        logs.warning(f"could not build the remedy of a failed export: {type(e).__name__}")
+        return error
 
 
 def _next_poll(tick: Tick, doc: Doc, t: datetime, *, backoff: bool) -> Doc:
@@ -314,6 +329,8 @@ def _log_end(doc: Doc, event_type: str) -> None:
         what = {ev.FAILED: "export failed", ev.CANCELLED: "export cancelled",
                 ev.TIMED_OUT: "export timed out"}[event_type]
         error = data.get("error") or {}
+        if error.get("remedy"):
+            fields["remedy"] = error["remedy"]
         logs.error(f"{what}: {error.get('code')}: {error.get('message')}", error=error, **fields)
 
 

@@ -15,11 +15,15 @@ from handlers.core.lazy import Once, once
 
 if TYPE_CHECKING:
     from handlers.adapters.batch_store import IngestLedger
+    from handlers.adapters.bigquery import BigQuery
+    from handlers.adapters.dicomweb import DicomWeb
     from handlers.adapters.firestore import Firestore
     from handlers.adapters.gcs import FilterFiles
     from handlers.adapters.healthcare import Healthcare
     from handlers.adapters.ledger_store import Ledger
     from handlers.adapters.pubsub import Events
+    from handlers.adapters.reconcile_state import ReconcileState
+    from handlers.adapters.resource_manager import ResourceManager
     from handlers.adapters.transport import Tokens
 
 _chosen: list[config.Settings] = []
@@ -106,6 +110,46 @@ def filter_files_for(s: config.Settings, bucket: str | None = None) -> FilterFil
                        tokens=None if host else _tokens())
 
 
+def resource_manager_for(s: config.Settings) -> ResourceManager:
+    """Project numbers, for an export failure's remedy. A loopback (emulator) endpoint gets no token unless an
+    ADC file is configured or the function runs on Google Cloud, as for the Healthcare API."""
+    from handlers.adapters import transport
+    from handlers.adapters.resource_manager import ResourceManager
+    transport.configure(concurrency=s.poll_concurrency)
+    local = config.is_loopback_url(s.resource_manager_endpoint)
+    needs_token = not local or s.credentials_file or s.on_google_cloud
+    return ResourceManager(s.resource_manager_endpoint, timeout_s=min(s.poll_call_timeout_s, 10.0),
+                           tokens=_tokens() if needs_token else None)
+
+
+def bigquery_for(s: config.Settings) -> BigQuery:
+    """BigQuery (BIGQUERY_API_ENDPOINT); a local emulator gets no token, as for the Healthcare API."""
+    from handlers.adapters import transport
+    from handlers.adapters.bigquery import BigQuery
+    transport.configure(concurrency=s.poll_concurrency)
+    needs_token = not s.bigquery_is_local or s.credentials_file or s.on_google_cloud
+    return BigQuery(s.bigquery_endpoint, config.project_id(s), tokens=_tokens() if needs_token else None,
+                    timeout_s=s.healthcare_http_timeout_s, budget_s=s.healthcare_retry_budget_s)
+
+
+def dicomweb_for(s: config.Settings) -> DicomWeb:
+    """QIDO-RS searches of the stores (HEALTHCARE_API_ENDPOINT)."""
+    from handlers.adapters import transport
+    from handlers.adapters.dicomweb import DicomWeb
+    transport.configure(concurrency=s.poll_concurrency)
+    needs_token = not s.healthcare_is_local or s.credentials_file or s.on_google_cloud
+    return DicomWeb(s.healthcare_endpoint, s.healthcare_version, tokens=_tokens() if needs_token else None,
+                    timeout_s=s.healthcare_http_timeout_s, budget_s=s.healthcare_retry_budget_s)
+
+
+def reconcile_for(s: config.Settings) -> tuple[ReconcileState, ReconcileState, DicomWeb, BigQuery, Events]:
+    """New (reconcile state, ingest ledger, DICOMweb, BigQuery, events publisher) for settings `s`: the reconcile
+    state is the ingest ledger with the route's reconcile documents."""
+    from handlers.adapters.reconcile_state import ReconcileState
+    state = ReconcileState(s.ledger_collection, _firestore())
+    return state, state, dicomweb_for(s), bigquery_for(s), publisher_for(s, s.events_topic)
+
+
 def poller_for(s: config.Settings) -> tuple[Ledger, Healthcare, Events]:
     """New (ledger, healthcare, events) for settings `s`, sized for the poller's concurrency."""
     return (ledger_for(s), healthcare_for(s, timeout_s=s.poll_call_timeout_s, budget_s=s.poll_call_timeout_s),
@@ -140,10 +184,24 @@ def poller() -> tuple[Ledger, Healthcare, Events]:
 
 
 @once
-def ingest() -> tuple[IngestLedger, Ledger, FilterFiles, Events]:
-    """(ingest ledger, request ledger, filter files, requests publisher) of ingest_notification."""
+def ingest() -> tuple[IngestLedger, Ledger, FilterFiles, Events, BigQuery, Events]:
+    """(ingest ledger, request ledger, filter files, requests publisher, BigQuery, events publisher) of
+    ingest_notification (and of the poller's tick, which advances the batches)."""
     s = settings()
-    return batch_store_for(s), ledger(), filter_files_for(s), publisher_for(s, s.requests_topic)
+    return (batch_store_for(s), ledger(), filter_files_for(s), publisher_for(s, s.requests_topic), bigquery_for(s),
+            publisher_for(s, s.events_topic))
 
 
-_CACHED: tuple[Once[Any], ...] = (_tokens, _firestore, ledger, intake, poller, ingest)
+@once
+def resource_manager() -> ResourceManager:
+    """This instance's project numbers (asked only when an export failed for want of BigQuery grants)."""
+    return resource_manager_for(settings())
+
+
+@once
+def reconcile() -> tuple[ReconcileState, ReconcileState, DicomWeb, BigQuery, Events]:
+    """(reconcile state, ingest ledger, DICOMweb, BigQuery, events publisher) of reconcile_tables."""
+    return reconcile_for(settings())
+
+
+_CACHED: tuple[Once[Any], ...] = (_tokens, _firestore, ledger, intake, poller, ingest, reconcile, resource_manager)

@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
                    default=int(env("HC_EMULATOR_EXPORT_WORKERS")) if env("HC_EMULATOR_EXPORT_WORKERS") else None,
                    help="processes that read and map instances during an export (default: one per core; "
                         "0 or 1: in the export thread)")
+    s.add_argument("--enforce-iam", action="store_true",
+                   default=env("HC_EMULATOR_ENFORCE_IAM", "").strip().lower() in ("1", "true", "yes"),
+                   help="an export fails with PERMISSION_DENIED unless the store project's Cloud Healthcare "
+                        "Service Agent may write the destination dataset and run jobs in its project")
     s.add_argument("--verbose", action="store_true")
 
     b = sub.add_parser("bq", help="BigQuery helpers on the local warehouse")
@@ -81,7 +85,7 @@ def serve(args) -> int:
     options = Options(require_token=args.require_token, fault_rates=_rates([f for f in args.fault if f]),
                       latency_s=args.latency, max_running_operations=args.max_running_operations,
                       export_instances_per_s=args.export_rate, export_workers=args.export_workers,
-                      verbose=args.verbose)
+                      verbose=args.verbose, enforce_iam=args.enforce_iam)
     app = create_app(args.data_dir, options)
 
     class Handler(WSGIRequestHandler):

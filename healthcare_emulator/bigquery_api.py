@@ -36,7 +36,7 @@ from functools import lru_cache
 
 from werkzeug.wrappers import Request, Response
 
-from . import bq_script
+from . import bq_script, iam
 from .errors import ApiError
 
 MAX_JOBS = 500                 # query jobs (and their result rows) kept in memory
@@ -52,6 +52,8 @@ ROUTES = [
     ("GET", re.compile(rf"^projects/{SEG}/datasets$"), "list_datasets"),
     ("GET", re.compile(rf"^projects/{SEG}/datasets/{SEG}$"), "get_dataset"),
     ("DELETE", re.compile(rf"^projects/{SEG}/datasets/{SEG}$"), "delete_dataset"),
+    ("PATCH", re.compile(rf"^projects/{SEG}/datasets/{SEG}$"), "patch_dataset"),
+    ("PUT", re.compile(rf"^projects/{SEG}/datasets/{SEG}$"), "update_dataset"),
     ("POST", re.compile(rf"^projects/{SEG}/datasets/{SEG}/tables$"), "insert_table"),
     ("GET", re.compile(rf"^projects/{SEG}/datasets/{SEG}/tables$"), "list_tables"),
     ("GET", re.compile(rf"^projects/{SEG}/datasets/{SEG}/tables/{SEG}$"), "get_table"),
@@ -364,11 +366,12 @@ class BigQueryService:
                "datasetReference": dict(ref), "location": meta.get("location", "US"),
                "creationTime": str(meta.get("creationTime", 0)),
                "lastModifiedTime": str(meta.get("lastModifiedTime", 0)),
-               "access": [], "type": "DEFAULT"}
+               "access": iam.dataset_access(meta), "type": "DEFAULT"}
         if meta.get("labels"):
             out["labels"] = dict(meta["labels"])
-        if meta.get("description") is not None:
-            out["description"] = meta["description"]
+        for key in ("description", "friendlyName"):
+            if meta.get(key) is not None:
+                out[key] = meta[key]
         out["etag"] = _etag(out)
         return out
 
@@ -384,8 +387,51 @@ class BigQueryService:
         kw = {"location": body.get("location") or "US", "labels": body.get("labels") or {}}
         if body.get("description") is not None:
             kw["description"] = body["description"]
+        access = _checked_access(body)
         try:
             meta = self.wh.create_dataset(project, dataset, **kw)
+            if access is not None:
+                meta = self.wh.update_dataset(project, dataset, lambda m: m.__setitem__("access", access))
+        except Exception as e:
+            raise _from_warehouse(e) from None
+        return _json(self._dataset_resource(meta, request))
+
+    def patch_dataset(self, request: Request, project: str, dataset: str) -> Response:
+        return self._change_dataset(request, project, dataset, replace=False)
+
+    def update_dataset(self, request: Request, project: str, dataset: str) -> Response:
+        return self._change_dataset(request, project, dataset, replace=True)
+
+    def _change_dataset(self, request: Request, project: str, dataset: str, *, replace: bool) -> Response:
+        """datasets.patch (replace=False: only the fields given) and datasets.update (replace=True: access,
+        labels, description and friendlyName as given, defaults for those left out). If-Match is honoured."""
+        body = _body(request)
+        ref = body.get("datasetReference") or {}
+        if (ref.get("projectId") not in (None, project)) or (ref.get("datasetId") not in (None, dataset)):
+            raise BqError("INVALID_ARGUMENT", "datasetReference does not match the dataset of the request.")
+        access, labels = _checked_access(body), _checked_labels(body)
+        current = self._dataset_resource(self._require_dataset(project, dataset), request)
+        want = request.headers.get("If-Match")
+        if want and want != current["etag"]:
+            err = BqError("FAILED_PRECONDITION", "Precondition check failed.", "conditionNotMet")
+            err.http = 412
+            raise err
+
+        def change(meta: dict) -> None:
+            if access is not None or replace:
+                meta["access"] = access if access is not None else iam.default_access()
+            if labels is not None or replace:
+                merged = {} if replace else dict(meta.get("labels") or {})
+                merged.update(labels or {})
+                meta["labels"] = {k: v for k, v in merged.items() if v is not None}  # null removes a label
+            for key in ("description", "friendlyName"):
+                if key in body or replace:
+                    if body.get(key) is None:
+                        meta.pop(key, None)
+                    else:
+                        meta[key] = str(body[key])
+        try:
+            meta = self.wh.update_dataset(project, dataset, change)
         except Exception as e:
             raise _from_warehouse(e) from None
         return _json(self._dataset_resource(meta, request))
@@ -432,7 +478,7 @@ class BigQueryService:
         except OSError:
             pass
         items = [{"kind": "bigquery#project", "id": p,
-                  "numericId": str(int(hashlib.sha1(p.encode()).hexdigest()[:10], 16)),
+                  "numericId": iam.project_number(p),
                   "projectReference": {"projectId": p}, "friendlyName": p} for p in sorted(ids)]
         out = self._page(request, items, "projects", {"kind": "bigquery#projectList"})
         out["totalItems"] = len(items)
@@ -819,6 +865,25 @@ def _dml_statistics(st) -> dict:
     return {"numDmlAffectedRows": str(st.affected), "dmlStats": stats}
 
 
+def _checked_access(body: dict) -> list[dict] | None:
+    """A dataset body's `access`, validated (None when absent); a 400 whose location names the bad field."""
+    if body.get("access") is None:
+        return None
+    try:
+        return iam.check_access(body["access"])
+    except iam.PolicyError as e:
+        raise BqError("INVALID_ARGUMENT", f"Invalid value at '{e.field}': {e.message}", "invalid", e.field) from None
+
+
+def _checked_labels(body: dict) -> dict | None:
+    labels = body.get("labels")
+    if labels is not None and not (isinstance(labels, dict) and all(
+            isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in labels.items())):
+        raise BqError("INVALID_ARGUMENT", "Invalid value at 'labels': a map of strings to strings", "invalid",
+                      "labels")
+    return labels
+
+
 def _body(request: Request) -> dict:
     raw = request.get_data(cache=True)
     if not raw.strip():
@@ -883,7 +948,7 @@ def _handle(app, request: Request) -> Response:
         api = "bigquery" if version == "v2" else "healthcare"
         return discovery_document(api, version, request.host_url)
     if m := re.match(r"^/discovery/v1/apis/([a-z]+)/([a-z0-9]+)/rest$", path):
-        if m.group(1) not in ("bigquery", "healthcare"):
+        if m.group(1) not in ("bigquery", "healthcare", "cloudresourcemanager"):
             raise BqError("NOT_FOUND", f"No discovery document for {m.group(1)} in this emulator.")
         return discovery_document(m.group(1), m.group(2), request.host_url)
     m = re.match(r"^/bigquery/v2/(.*?)/?$", path)

@@ -183,6 +183,8 @@ class Job:
     pool: object                         # a ProcessPoolExecutor, or None
     log_many: Callable[[str, list], None]
     set_counter: Callable[[dict], None]
+    # (project, dataset, table exists) -> None, or raises PERMISSION_DENIED (iam_api.check_export, --enforce-iam)
+    authorize: Callable[[str, str, bool], None] | None = None
     success: int = 0
     failure: int = 0
     total: int = 0
@@ -394,6 +396,8 @@ def run(job: Job) -> tuple[int, int]:
 
     d = destination(job)
     existing = check_destination(job.warehouse, d)
+    if job.authorize is not None:
+        job.authorize(d.project, d.dataset, existing is not None)
     selected = select(job)
     job.schema = dicom_bq.JSON_SCHEMA(bool(d.source)) if d.as_json else []
     job.progress()

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from werkzeug.wrappers import Request, Response
 
-from . import datasets, export, messages
+from . import datasets, export, iam_api, messages
 from .errors import CODES, ApiError, invalid, not_found
 from .export import (  # noqa: F401 - re-exported: importers of operations keep working
     BUCKET_RE,
@@ -302,7 +302,8 @@ class Operations:
         job = export.Job(name=name, store=store, body=body, spill=spill, state=self.state,
                          warehouse=self.warehouse, cancel=self._cancel_events.get(name) or threading.Event(),
                          rate=rate, pool=None if rate else self._workers.get(), log_many=self.log_many,
-                         set_counter=lambda c: self._update(name, lambda b: b["metadata"].__setitem__("counter", c)))
+                         set_counter=lambda c: self._update(name, lambda b: b["metadata"].__setitem__("counter", c)),
+                         authorize=lambda p, ds, exists: iam_api.check_export(self.app, name, store, p, ds, exists))
         return export.run(job)
 
 

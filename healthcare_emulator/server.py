@@ -64,6 +64,7 @@ class Options:
     export_instances_per_s: float = 0.0      # slow-export mode; 0 = full speed
     export_workers: int | None = None        # processes mapping instances; None = one per core, 0/1 = in-thread
     verbose: bool = False
+    enforce_iam: bool = False                # exports need the service agent's BigQuery grants (iam_api.py)
 
 
 class App:
@@ -119,6 +120,11 @@ class App:
         if path.startswith(("/bigquery/", "/discovery/", "/$discovery/")):  # $discovery: bq --api=URL
             from . import bigquery_api  # the BigQuery REST surface over the same warehouse
             return bigquery_api.handle(self, request)
+        if path.startswith("/v1/projects/"):
+            from . import iam_api  # Cloud Resource Manager v1: projects.get, getIamPolicy, setIamPolicy
+            if iam_api.is_resource_manager_path(path):
+                self.authenticate(request)
+                return iam_api.handle(self, request)
         m = re.match(r"^/(v1|v1beta1|v1alpha2)/(.*)$", path)  # v1alpha2: gcloud alpha healthcare
         if not m:
             raise ApiError("NOT_FOUND", f"The requested URL {path} was not found on this server.")

@@ -798,6 +798,15 @@ class Warehouse:
             raise self._not_found_dataset(project, dataset)
         return meta
 
+    def update_dataset(self, project: str, dataset: str, change: Callable[[dict], None]) -> dict:
+        """Apply `change` to the dataset's metadata (e.g. its access entries) under the dataset's lock."""
+        with self._dataset_lock(project, dataset, shared=False):
+            meta = self.get_dataset(project, dataset)
+            change(meta)
+            meta["lastModifiedTime"] = max(_now_ms(), int(meta.get("lastModifiedTime", 0)) + 1)
+            _write_json_atomic(self._dataset_dir(project, dataset) / "dataset.json", meta)
+            return copy.deepcopy(meta)
+
     def list_datasets(self, project: str) -> list[dict]:
         _check_project(project)
         out = []

@@ -5,6 +5,7 @@
   submit --store S --table bq://P.D.T [--write-disposition W | --force] [--filter gs://B/O] [--request-id ID]
   watch [--request-id ID] [--until-terminal]   print events as they arrive
   status REQUEST_ID     the ledger record, from the export_status function
+  preflight [--project P]  read-only checks of a deployment (local stack or Google Cloud), one line each
 """
 from __future__ import annotations
 
@@ -172,6 +173,13 @@ def cmd_status(args) -> int:
     return 0 if r.ok else 1
 
 
+def cmd_preflight(args) -> int:
+    from stack import preflight
+    if not args.project and STATE.exists() and not os.environ.get("HEALTHCARE_API_ENDPOINT"):
+        _stack()  # `make up` is running: check it, with the environment submit and watch use
+    return preflight.main(args)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m stack", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -193,8 +201,10 @@ def main(argv=None) -> int:
     w.add_argument("--until-terminal", action="store_true")
     st = sub.add_parser("status")
     st.add_argument("request_id")
+    from stack import preflight
+    preflight.add_arguments(sub.add_parser("preflight", help="read-only checks; exit 1 when one fails"))
     args = p.parse_args(argv)
-    return {"demo": cmd_demo, "up": cmd_up, "run": cmd_run, "down": cmd_down, "submit": cmd_submit,
+    return {"preflight": cmd_preflight, "demo": cmd_demo, "up": cmd_up, "run": cmd_run, "down": cmd_down, "submit": cmd_submit,
             "watch": cmd_watch, "status": cmd_status}[args.cmd](args)
 
 

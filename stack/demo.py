@@ -112,7 +112,10 @@ def follow(stack, events: Events, request: dict) -> dict:
 
 
 def run(root: Path) -> int:
-    stack = local.Stack(root)
+    from stack import demo_ingest
+
+    dataset = f"projects/{local.PROJECT}/locations/{local.LOCATION}/datasets/imaging"
+    stack = local.Stack(root, ingest_routes=demo_ingest.routes(dataset))
     try:
         with step("start the local stack"):
             stack.start()
@@ -120,7 +123,6 @@ def run(root: Path) -> int:
                 if k not in ("env", "pgids"):
                     print(f"  {k}: {v}")
         hc = stack.hc.url
-        dataset = f"projects/{local.PROJECT}/locations/{local.LOCATION}/datasets/imaging"
         store = f"{dataset}/dicomStores/demo"
         with step("create the Healthcare dataset, the DICOM store and the BigQuery dataset"):
             requests.post(f"{hc}/v1/projects/{local.PROJECT}/locations/{local.LOCATION}/datasets",
@@ -193,6 +195,8 @@ LIMIT 10;"""
                 raise StepFailed(f"append: {event['eventType']}, rows {before} -> {after} "
                                  f"(expected +{study['n']})")
             print(f"  rows: {before} -> {after}")
+        with step("ingest: a routed store's deletion and replacement reflected in its table"):
+            demo_ingest.run(hc, dataset, bq)
         print(f"\nweb console: {hc}/console (Datasets, Export, Operations, BigQuery, Service); the demo stops it now:"
               "\n  `make up` keeps the stack running, its console at <healthcare URL>/console (`make down` stops it)")
         print("\ndemo finished: every step passed")

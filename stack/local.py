@@ -31,6 +31,8 @@ REQUESTS_TOPIC = "dicom-export-requests"
 EVENTS_TOPIC = "dicom-export-events"
 POLL_TOPIC = "dicom-export-poll"
 NOTIFY_TOPIC = "dicom-store-notifications"
+DEAD_LETTER_TOPIC = "dicom-export-dead-letter"
+RECONCILE_TOPIC = "dicom-reconcile"
 WATCH_SUB = "dicom-export-events-watch"
 FF = str(Path(sys.executable).parent / "functions-framework")
 
@@ -98,19 +100,25 @@ class Stack:
         fns = [("export_request", "cloudevent", REQUESTS_TOPIC), ("poll_exports", "cloudevent", POLL_TOPIC),
                ("export_status", "http", None)]
         if self.ingest_routes:
-            fns.append(("ingest_notification", "cloudevent", NOTIFY_TOPIC))
+            fns += [("ingest_notification", "cloudevent", NOTIFY_TOPIC),
+                    ("reconcile_tables", "cloudevent", RECONCILE_TOPIC)]
         return fns
 
     def client_env(self) -> dict:
         """What a client needs to talk to this stack (printed by `make up`)."""
         return {"PUBSUB_EMULATOR_HOST": self.pubsub.host_port, "FIRESTORE_EMULATOR_HOST": self.firestore.host_port,
                 "STORAGE_EMULATOR_HOST": self.gcs.url, "GOOGLE_CLOUD_PROJECT": PROJECT,
-                "HEALTHCARE_API_ENDPOINT": self.hc.url}
+                "HEALTHCARE_API_ENDPOINT": self.hc.url, "BIGQUERY_API_ENDPOINT": self.hc.url,
+                "RESOURCE_MANAGER_API_ENDPOINT": self.hc.url,
+                # deploy.sh's names, for `python -m stack preflight`
+                "POLL_TOPIC": POLL_TOPIC, "DEAD_LETTER_TOPIC": DEAD_LETTER_TOPIC,
+                **({"INGEST_TOPIC": NOTIFY_TOPIC} if self.ingest_routes else {})}
 
     def function_env(self) -> dict:
         return {**self.client_env(), "EXPORT_REQUESTS_TOPIC": REQUESTS_TOPIC, "EXPORT_EVENTS_TOPIC": EVENTS_TOPIC,
                 "LEDGER_COLLECTION": "dicomExports", "INGEST_ROUTES": json.dumps(self.ingest_routes),
                 "INGEST_FILTER_BUCKET": "dicom-ingest-filters", "GOOGLE_APPLICATION_CREDENTIALS": "",
+                "BIGQUERY_API_ENDPOINT": self.hc.url, "INGEST_BATCH_MAX_AGE_S": "2",
                 "PYTHONUNBUFFERED": "1"}
 
     def _topics(self) -> None:
@@ -118,17 +126,21 @@ class Stack:
 
         self.publisher = pubsub_v1.PublisherClient()
         self.subscriber = pubsub_v1.SubscriberClient()
-        for t in (REQUESTS_TOPIC, EVENTS_TOPIC, POLL_TOPIC, NOTIFY_TOPIC):
+        for t in (REQUESTS_TOPIC, EVENTS_TOPIC, POLL_TOPIC, NOTIFY_TOPIC, DEAD_LETTER_TOPIC, RECONCILE_TOPIC):
             self.publisher.create_topic(name=self.topic(t))
         self.subscriber.create_subscription(name=self.subscription(WATCH_SUB), topic=self.topic(EVENTS_TOPIC),
                                             ack_deadline_seconds=60)
         self.subscriber.create_subscription(name=self.subscription(console.EVENTS_SUBSCRIPTION),  # the web console's
                                             topic=self.topic(EVENTS_TOPIC), ack_deadline_seconds=60)
+        # as deploy.sh: what the functions cannot take after 10 deliveries is kept on the dead-letter topic
+        self.subscriber.create_subscription(name=self.subscription(f"{DEAD_LETTER_TOPIC}-hold"),
+                                            topic=self.topic(DEAD_LETTER_TOPIC))
 
     def _push(self, topic: str, endpoint: str, name: str) -> None:
         self.subscriber.create_subscription(request={
             "name": self.subscription(name), "topic": self.topic(topic), "ack_deadline_seconds": 60,
-            "push_config": {"push_endpoint": endpoint}})
+            "push_config": {"push_endpoint": endpoint},
+            "dead_letter_policy": {"dead_letter_topic": self.topic(DEAD_LETTER_TOPIC), "max_delivery_attempts": 10}})
 
     @staticmethod
     def topic(t: str) -> str:
@@ -139,10 +151,15 @@ class Stack:
         return f"projects/{PROJECT}/subscriptions/{s}"
 
     def _tick(self) -> None:
-        """Cloud Scheduler's part: a message on the poll topic every few seconds."""
+        """Cloud Scheduler's part: a message on the poll topic every few seconds, and (with routes) one on the
+        reconcile topic every 30 ticks."""
+        n = 0
         while not self._stop_ticker.wait(self.poll_every_s):
+            n += 1
             try:
                 self.publisher.publish(self.topic(POLL_TOPIC), b'{"tick": true}').result(timeout=10)
+                if self.ingest_routes and n % 30 == 0:
+                    self.publisher.publish(self.topic(RECONCILE_TOPIC), b'{"tick": true}').result(timeout=10)
             except Exception as e:  # the stack may be stopping
                 if not self._stop_ticker.is_set():
                     self.say(f"scheduler tick failed: {e}")
@@ -151,7 +168,8 @@ class Stack:
         return {"project": PROJECT, "location": LOCATION, "healthcare": self.hc.url, "gcs": self.gcs.url,
                 "pubsub": self.pubsub.host_port, "firestore": self.firestore.host_port,
                 "functions": dict(self.urls), "topics": {"requests": REQUESTS_TOPIC, "events": EVENTS_TOPIC,
-                                                         "poll": POLL_TOPIC, "notifications": NOTIFY_TOPIC},
+                                                         "poll": POLL_TOPIC, "notifications": NOTIFY_TOPIC,
+                                                         "reconcile": RECONCILE_TOPIC},
                 "events_subscription": WATCH_SUB, "data_dir": str(self.root / "healthcare"),
                 "env": self.client_env(),
                 "pgids": [s.proc.pid for s in self.services if s.proc]}

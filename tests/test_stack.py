@@ -66,6 +66,8 @@ def test_up_submit_watch_status_down():
         assert [e["eventType"] for e in events][-1] == "EXPORT_SUCCEEDED"
         status = json.loads(stack("status", rid).stdout)
         assert status["state"] == "SUCCEEDED" and status["requestId"] == rid
+        pre = stack("preflight")  # topics, push subscriptions with dead-letter policies, Firestore: all there
+        assert "✗" not in pre.stdout and pre.stdout.rstrip().endswith(" checks, 0 failed"), pre.stdout
     finally:
         pgids = json.loads(state.read_text())["pgids"] if state.exists() else []
         stack("down")

@@ -56,7 +56,7 @@ class IngestLedger:
 
     def pending(self, route: str, limit: int) -> list[Doc]:
         """The route's oldest pending arrivals (composite index route, state, arrivedAt)."""
-        return [{**d.data, "id": d.id} for d in self._pending(route, ["path", "arrivedAt"], limit)]
+        return [{**d.data, "id": d.id} for d in self._pending(route, ["path", "arrivedAt", "kind"], limit)]
 
     def oldest_pending(self, route: str) -> datetime | None:
         for d in self._pending(route, ["arrivedAt"], 1):
@@ -130,6 +130,11 @@ class IngestLedger:
                 return None
             return [(ref, "update", {**updates, "updatedAt": now()})]
         return self.client().cas_many([ref], decide)
+
+    def failed_unpublished(self, limit: int = 50) -> list[Doc]:
+        """FAILED batches whose INGEST_BATCH_FAILED event is recorded but not known to be published."""
+        return [d.data for d in self.client().query(self.BATCHES, where=[("eventPending", "==", True)],
+                                                    limit=limit)]
 
     def ready(self, table_key: str, limit: int = 1) -> list[Doc]:
         """READY batches of a table, first closed first (composite index tableKey, state, readyAt)."""

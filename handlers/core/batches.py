@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Any
+from datetime import timedelta
 
 # arrival states
 PENDING, BATCHED, DELETION, OTHER = "PENDING", "BATCHED", "DELETION", "OTHER"
@@ -22,12 +21,12 @@ PENDING, BATCHED, DELETION, OTHER = "PENDING", "BATCHED", "DELETION", "OTHER"
 CLOSING, READY, PUBLISHING, PUBLISHED, EXPORTED, FAILED = (
     "CLOSING", "READY", "PUBLISHING", "PUBLISHED", "EXPORTED", "FAILED")
 BATCH_FINAL = frozenset({EXPORTED, FAILED})
+RETRYING = "RETRYING"  # an attempt failed: the batch keeps its table until its next attempt (nextAttemptAt)
 
 DEDUP_RETENTION = timedelta(days=10)   # arrivals are kept (for de-duplication) beyond Pub/Sub's 7 days
 BATCH_RETENTION = timedelta(days=30)   # finished batch documents, for operators
 REPUBLISH_AFTER = timedelta(seconds=120)  # published, but the intake has not recorded it: publish again
 MAX_CLOSES_PER_CALL = 20               # bound on the work one notification or tick does per route
-STORE_ACTIONS = frozenset({"StoreInstances", "ImportDicomData"})
 
 
 def collections(ledger_collection: str) -> tuple[str, str, str, str]:
@@ -71,19 +70,3 @@ def filter_text(paths: list[str]) -> str:
     return "".join(p + "\n" for p in paths)
 
 
-def arrival_kind(action: str) -> str:
-    """"arrival" (an instance stored), "deletion", or "other", from a notification's action attribute."""
-    return "arrival" if not action or action in STORE_ACTIONS else "deletion" if action.startswith("Delete") else "other"
-
-
-def arrival_doc(route: Route, path: str, kind: str, attributes: dict[str, Any], message_id: str,
-                arrived: datetime, t: datetime) -> dict[str, Any]:
-    """The arrival document of one notification (PENDING when an instance was stored)."""
-    action = str(attributes.get("action") or "")
-    doc = {"route": route.key, "store": route.store, "tableUri": route.table_uri, "path": path, "kind": kind,
-           "state": {"arrival": PENDING, "deletion": DELETION}.get(kind, OTHER),
-           "action": action or None, "versionId": attributes.get("versionId"), "messageId": message_id,
-           "arrivedAt": arrived, "recordedAt": t, "batchId": None}
-    if kind != "arrival":
-        doc["expireAt"] = t + DEDUP_RETENTION
-    return doc

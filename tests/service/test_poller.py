@@ -133,7 +133,10 @@ def test_failure_copies_the_error_and_logs_an_error(p, harness, hcapi, capsys):
 
     e = _one_event(f, rid)
     assert e["attributes"]["eventType"] == "EXPORT_FAILED" and e["attributes"]["failureCount"] == "0"
+    remedy = e["data"]["error"].pop("remedy")  # a missing destination dataset: the command that fixes it
     assert e["data"]["error"] == {"code": 5, "message": done["error"]["message"]}
+    assert remedy.startswith(f"bq --project_id={PROJECT} mk --dataset {PROJECT}:no_such_dataset && bq "), remedy
+    e["data"]["error"]["remedy"] = remedy
     assert e["data"]["endTime"] == done["metadata"]["endTime"] and set(e["data"]) == EVENT_FIELDS
     assert f.ledger.get(rid)["state"] == L.FAILED
     [err] = [x for x in for_request(log_lines(capsys.readouterr().out), rid) if x["severity"] == "ERROR"]

@@ -30,7 +30,8 @@ def instance_path(i: int, study: str = "1.2.3", series: str = "1.2.3.4") -> str:
 class Pieces:
     """Ingest wired to the emulators, in this process: own collections, requests topic and bucket."""
 
-    def __init__(self, pubsub_clients, routes: dict, *, max_n: int = 10, max_age_s: float = 60, env=None):
+    def __init__(self, pubsub_clients, routes: dict, *, hc_url: str, max_n: int = 10, max_age_s: float = 60,
+                 env=None):
         import config
         from handlers import ingest, wiring
 
@@ -39,7 +40,9 @@ class Pieces:
         self.collection = f"ledger-{self.name}"
         self.requests_topic = f"req-{self.name}"
         self.bucket = f"filters-{self.name}"
-        self.publisher.create_topic(name=f"projects/{PROJECT}/topics/{self.requests_topic}")
+        self.events_topic = f"events-{self.name}"
+        for t in (self.requests_topic, self.events_topic):
+            self.publisher.create_topic(name=f"projects/{PROJECT}/topics/{t}")
         self.requests_sub = f"projects/{PROJECT}/subscriptions/pull-{self.name}"
         self.subscriber.create_subscription(name=self.requests_sub,
                                             topic=f"projects/{PROJECT}/topics/{self.requests_topic}",
@@ -48,18 +51,22 @@ class Pieces:
             "GOOGLE_CLOUD_PROJECT": PROJECT, "LEDGER_COLLECTION": self.collection,
             "EXPORT_REQUESTS_TOPIC": self.requests_topic, "INGEST_ROUTES": json.dumps(routes),
             "INGEST_FILTER_BUCKET": self.bucket, "INGEST_BATCH_MAX_INSTANCES": str(max_n),
-            "INGEST_BATCH_MAX_AGE_S": str(max_age_s), **(env or {})})
+            "INGEST_BATCH_MAX_AGE_S": str(max_age_s), "BIGQUERY_API_ENDPOINT": hc_url,
+            "EXPORT_EVENTS_TOPIC": self.events_topic, **(env or {})})
         s = wiring.settings()
         self.requests_ledger = wiring.ledger_for(s, self.collection)
         self.ledger = wiring.batch_store_for(s, self.collection)
         self.files = wiring.filter_files_for(config.load(os.environ), self.bucket)  # STORAGE_EMULATOR_HOST
         self.requests = wiring.publisher_for(s, self.requests_topic)
+        self.bigquery = wiring.bigquery_for(self.settings)
+        self.events = wiring.publisher_for(s, self.events_topic)
         self.ingest_mod = ingest
         self.published: list[dict] = []
 
-    def ingest(self, *, ledger=None, files=None, requests=None):
+    def ingest(self, *, ledger=None, files=None, requests=None, bigquery=None):
         return self.ingest_mod.Ingest(self.settings, ledger or self.ledger, self.requests_ledger,
-                                      files or self.files, requests or self.requests)
+                                      files or self.files, requests or self.requests, bigquery or self.bigquery,
+                                      self.events)
 
     def notify(self, store: str, path: str, *, action: str | None = "StoreInstances", version: str | None = "1",
                message_id: str | None = None, ingest=None):
@@ -173,12 +180,12 @@ def bq_count(data_dir, table: str) -> dict:
 
 
 @pytest.fixture
-def pieces(pubsub_clients, gcs, monkeypatch):
+def pieces(pubsub_clients, gcs, hc, monkeypatch):
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs.url)
     made = []
 
     def make(routes: dict, **kw) -> Pieces:
-        p = Pieces(pubsub_clients, routes, **kw)
+        p = Pieces(pubsub_clients, routes, hc_url=hc.url, **kw)
         made.append(p)
         return p
     yield make
@@ -208,7 +215,7 @@ class IngestStack:
             logs_dir, data_dir, *hc_flags, name=f"hc-{self.name}",
             env={"PUBSUB_EMULATOR_HOST": pubsub.host_port, "STORAGE_EMULATOR_HOST": gcs.url}).start()
         self.hc = HC(self.hc_svc.url)
-        self.topics = {k: f"{k}-{self.name}" for k in ("notify", "requests", "events", "poll")}
+        self.topics = {k: f"{k}-{self.name}" for k in ("notify", "requests", "events", "poll", "reconcile")}
         for t in self.topics.values():
             self.publisher.create_topic(name=f"projects/{PROJECT}/topics/{t}")
         self.events_sub = f"projects/{PROJECT}/subscriptions/events-{self.name}"
@@ -231,7 +238,8 @@ class IngestStack:
         self.env = {
             "PUBSUB_EMULATOR_HOST": pubsub.host_port, "FIRESTORE_EMULATOR_HOST": firestore.host_port,
             "STORAGE_EMULATOR_HOST": gcs.url, "GOOGLE_CLOUD_PROJECT": PROJECT,
-            "HEALTHCARE_API_ENDPOINT": self.hc_svc.url, "EXPORT_REQUESTS_TOPIC": self.topics["requests"],
+            "HEALTHCARE_API_ENDPOINT": self.hc_svc.url, "BIGQUERY_API_ENDPOINT": self.hc_svc.url,
+            "EXPORT_REQUESTS_TOPIC": self.topics["requests"],
             "EXPORT_EVENTS_TOPIC": self.topics["events"], "LEDGER_COLLECTION": self.collection,
             "INGEST_ROUTES": json.dumps({self.stores[s]: {"tableUri": f"bq://{self.tables[s]}",
                                                           **(route_options or {}).get(s, {})} for s in store_ids}),
@@ -245,7 +253,7 @@ class IngestStack:
 
     def start(self) -> "IngestStack":
         for target, kind in (("export_request", "requests"), ("poll_exports", "poll"),
-                             ("ingest_notification", "notify")):
+                             ("ingest_notification", "notify"), ("reconcile_tables", "reconcile")):
             fn = Fn(target, self.env, self.logs_dir, subscriber=self.subscriber, topic=self.topics[kind])
             setattr(self, target, fn)
             self.fns.append(fn)
