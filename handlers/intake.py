@@ -2,40 +2,47 @@
 
 Steps, each recorded in the ledger before the next (docs/reliability.md, "Reliability: what happens when
 the intake dies between two steps", explains every crash window):
-  1. validate (handlers/core/request.py); create the ledger document (one create-only write): STARTING
-     under this delivery's lease, or REJECTED with its event recorded as unpublished. A document that
-     already exists makes this delivery a duplicate, and it only resumes what the ledger says is
+  1. validate (handlers/core/request.py); create the ledger document and the gate of the request's
+     Healthcare dataset in one commit: STARTING under this delivery's lease, the gate under the same
+     lease (handlers/core/gate.py); or REJECTED with its event recorded as unpublished. A document
+     that already exists makes this delivery a duplicate, and it only resumes what the ledger says is
      unfinished.
-  2. call the Healthcare API export. STARTING means the call may have been made: if the process died
-     before step 3, the next delivery looks the operation up with operations.list instead of
-     exporting twice.
-  3. record the operation, EXPORT_STARTED and the lease's release in one write while publishing the
-     event, then record the publication (or FAILED with the API's error and its event, then publish
-     it and record that).
+  2. call the Healthcare API export. Only the gate's holder calls, so if the process died before
+     step 3, the one export operation started under the gate that no document claims is its own:
+     the next delivery (or the next request of the dataset) finds it with operations.list instead
+     of exporting twice.
+  3. record the operation, EXPORT_STARTED, the lease's release and the gate's deletion in one commit
+     while publishing the event, then record the publication (or FAILED with the API's error and its
+     event, the gate deleted in the same commit, then publish it and record that).
 Every write is conditioned on the version this delivery last read or wrote, and made only under its
 lease (leaseUntil/leaseOwner), so two deliveries of one request never work on it at once: the later
-one is redelivered by Pub/Sub. A fresh valid request costs an export call, three Firestore writes and
-a publish, in four sequential steps.
+one is redelivered by Pub/Sub. A fresh valid request costs an export call, three Firestore commits and
+a publish, in four sequential steps (the gate adds no round trip). While another request of the
+dataset holds the gate, a delivery waits for it (at most HEALTHCARE_RETRY_BUDGET_S), then records the
+request without it and lets Pub/Sub redeliver.
 """
 from __future__ import annotations
 
 import base64
 import binascii
 import hashlib
+import random
 import time
 import uuid
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, overload
+from typing import TYPE_CHECKING, Any, NamedTuple, overload
 
 import config
 from handlers import wiring
 from handlers.adapters import logs
 from handlers.core import events as ev
+from handlers.core import gate as G
 from handlers.core import ledger as L
 from handlers.core import outbox
 from handlers.core import request as req
 from handlers.core.clock import INSTANCE, now, rfc3339
-from handlers.core.errors import PublishError
+from handlers.core.errors import ContentionError, PublishError
+from handlers.core.gate import Gate, Held
 from handlers.core.lazy import once
 from handlers.core.ledger import DELETE, Doc, Versioned, dataset_of
 
@@ -46,12 +53,45 @@ if TYPE_CHECKING:
     from handlers.adapters.ledger_store import Ledger
     from handlers.adapters.pubsub import Events
 
-CLOCK_SKEW = timedelta(seconds=60)  # tolerance between our clock and the API's createTime
 OWNED_EVENTS = (ev.REJECTED, ev.STARTED, ev.FAILED)
+LOST_RACES = 30  # commits that release the gate, lost to concurrent writers, before giving up
 
 
 class Redeliver(Exception):
     """Not done yet: the function fails so that Pub/Sub delivers the message again."""
+
+
+class _Recorded(Exception):
+    """The request's document exists already: this delivery is a duplicate."""
+
+    def __init__(self, item: Versioned):
+        super().__init__(item.request_id)
+        self.item = item
+
+
+class _Busy(Exception):
+    """Another request of the dataset held the gate for as long as this delivery could wait."""
+
+    def __init__(self, gate: Gate):
+        super().__init__(gate.holder)
+        self.gate = gate
+
+
+class _Own(NamedTuple):
+    """This request's write in a gate's commit: its creation (`item` None, `doc` the document as first
+    recorded) or an update of `item` (`doc` its document as read)."""
+    item: Versioned | None
+    doc: Doc
+
+
+class _Plan(NamedTuple):
+    """One commit that takes the gate: this request's attempt, the gate, and a dead holder's resolution."""
+    gate: Gate
+    own: _Own
+    updates: Doc  # this request's attempt
+    writes: list[Doc]
+    holder: Versioned | None
+    resolution: Doc | None
 
 
 @once
@@ -93,13 +133,16 @@ class Intake:
         self.published_at = published_at
         self.owner = f"{INSTANCE}:{uuid.uuid4().hex[:12]}"  # one per delivery
         self.deadline = time.monotonic() + settings.healthcare_retry_budget_s
+        self.gate: Held | None = None  # the dataset's gate, while this delivery holds it
 
     # -- 1. record ----------------------------------------------------------------------------------
     def run(self, parsed: req.Parsed, raw: bytes | None, message_id: str) -> None:
-        rid = parsed.request_id
         doc = new_document(parsed, raw, message_id, published_at=self.published_at, owner=self.owner,
                            lease_s=self.s.intake_lease_s)
-        created, item = self.ledger.create(rid, doc)
+        if parsed.rejection is None:
+            created, item = self.record(doc)
+        else:
+            created, item = self.ledger.create(parsed.request_id, doc)
         if created:
             r = parsed.rejection
             if r is None:
@@ -117,10 +160,24 @@ class Intake:
                 logs.info("duplicate delivery of a recorded request", state=stored.get("state"))
         self.advance(item, fresh=created)
 
+    def record(self, doc: Doc) -> tuple[bool, Versioned]:
+        """Create a valid request's document in STARTING together with its dataset's gate (one commit).
+        (False, the document) if it exists. If another request holds the gate for longer than this
+        delivery can wait, the request is recorded without it (RECEIVED) and Pub/Sub redelivers."""
+        try:
+            return True, self.take_gate(_Own(None, doc))
+        except _Recorded as e:
+            return False, e.item
+        except _Busy as e:
+            created, item = self.ledger.create(doc["requestId"], doc)
+            if not created:
+                return False, item
+            raise self.busy(e.gate) from None
+
     # -- the state machine -----------------------------------------------------------------------------
     def advance(self, item: Versioned, *, fresh: bool = False) -> None:
-        """`fresh`: this delivery has just created the document (so holds its lease, and no export call
-        can have been made for it yet)."""
+        """`fresh`: this delivery has just created the document with the gate (so holds its lease and
+        the gate, and no export call can have been made for it yet)."""
         doc = item.doc
         if doc.get("operation"):
             logs.bind(operation=doc["operation"], logsUrl=doc.get("logsUrl"))
@@ -148,11 +205,8 @@ class Intake:
     def acquire(self, item: Versioned) -> Versioned:
         if item.doc.get("leaseOwner") == self.owner:
             return item
-        # Taking over a STARTING request is a recovery: say so, so that another recovery of the same
-        # dataset never waits for this one (two recoveries waiting for each other would wait for ever).
-        marks = {"recoveringBy": self.owner} if item.doc["state"] == L.STARTING else None
         claimed = self.ledger.claim(item.request_id, owner=self.owner, lease_s=self.s.intake_lease_s,
-                                    states=(item.doc["state"],), current=item, updates=marks)
+                                    states=(item.doc["state"],), current=item)
         if claimed is None:
             current = self.ledger.get(item.request_id) or item.doc
             logs.info("another delivery holds this request's lease; asking Pub/Sub to redeliver",
@@ -163,7 +217,7 @@ class Intake:
     def _release_quietly(self, item: Versioned) -> None:
         try:
             self.ledger.release(item.request_id, owner=self.owner)
-        except Exception as e:  # noqa: BLE001 - the lease then simply expires
+        except Exception as e:  # noqa: BLE001 - the lease then simply expires (and the gate with it)
             logs.warning("could not release the lease; it will expire", problem=type(e).__name__)
 
     @overload
@@ -174,20 +228,144 @@ class Intake:
 
     def update(self, item: Versioned, updates: Doc, *, release: bool = False) -> Versioned | None:
         """Write `updates` if this delivery still holds the lease (one write when nobody else wrote since
-        `item`); with `release`, drop the lease in the same write. Without the lease: Pub/Sub redelivers
-        (or, with `release`, None: the lease was lost after the work was done)."""
+        `item`); with `release`, drop the lease in the same write. An update that ends STARTING deletes
+        the gate this delivery holds in the same commit. Without the lease: Pub/Sub redelivers (or,
+        with `release`, None: the lease was lost after the work was done)."""
         owner = self.owner
         updates = {**updates, "updatedAt": now()}
         if release:
             updates.update(leaseOwner=DELETE, leaseUntil=DELETE)
-        new = self.ledger.write(item, updates)
-        if new is None:  # changed since: read again, and write only if the lease is still ours
-            written, new = self.ledger.update(item.request_id,
-                                              lambda cur: updates if cur.get("leaseOwner") == owner else None)
-            new = new if written else None
+        if self.gate is not None and updates.get("state", L.STARTING) != L.STARTING:
+            new = self.release_gate(item, updates, self.gate)
+        else:
+            new = self.ledger.write(item, updates)
+            if new is None:  # changed since: read again, and write only if the lease is still ours
+                written, new = self.ledger.update(item.request_id,
+                                                  lambda cur: updates if cur.get("leaseOwner") == owner else None)
+                new = new if written else None
         if new is None and not release:
             raise Redeliver("lost the lease on the request (another delivery took over)")
         return new
+
+    # -- the gate (handlers/core/gate.py) ---------------------------------------------------------------
+    def take_gate(self, own: _Own) -> Versioned:
+        """Write this request's attempt (STARTING, a new lease) and take its dataset's gate in one commit.
+        The gate is assumed free, so the common path reads nothing first; after a lost race both documents
+        are read again in one call. A gate whose holder may be alive is waited for (until this delivery's
+        budget ends: _Busy); an abandoned one is taken over, its holder's call resolved in the same commit.
+        Waiting and lost races (another waiter took the gate first) are bounded by the same budget."""
+        dataset = str(own.doc["hcDataset"])
+        held: Held | None = None
+        while True:
+            plan = self.plan(own, held, now())
+            if not isinstance(plan, _Plan):
+                held = self.wait_for_gate(dataset, held, until=plan)
+                continue
+            versions = self.ledger.commit(plan.writes)
+            if versions is not None:
+                return self.took(plan, versions)
+            own, held = self.reread(own, dataset)
+            if time.monotonic() < self.deadline:
+                continue
+            if held is not None and held.gate.holder != own.doc["requestId"]:
+                raise _Busy(held.gate)
+            raise ContentionError(f"{own.doc['requestId']}: the gate of {dataset} kept changing")
+
+    def plan(self, own: _Own, held: Held | None, t: datetime) -> _Plan | datetime:
+        """The commit that takes the gate as `held` (None: assumed free), or until when to wait for it."""
+        rid, dataset = str(own.doc["requestId"]), str(own.doc["hcDataset"])
+        verdict = G.judge(held.gate if held else None, rid, t)
+        holder, resolution = None, None
+        if held is not None and verdict == G.HELD:
+            return held.gate.lease_until
+        if held is not None and verdict == G.ABANDONED:
+            holder = self.ledger.read(held.gate.holder)
+            seen = G.holder_verdict(holder.doc if holder else None, held.gate, t)
+            if holder is not None and seen == G.BUSY:
+                until: datetime = holder.doc["leaseUntil"]
+                return until  # its own redelivery is recovering it
+            resolution = self.resolve_holder(holder, held.gate, t) if holder and seen == G.RECOVER else None
+        lease_until = t + timedelta(seconds=self.s.intake_lease_s)
+        since = held.gate.acquired_at if held and verdict == G.MINE else G.window_start(own.doc, t)
+        gate = Gate(dataset, rid, self.owner, lease_until, since)
+        updates = G.attempt(own.doc, owner=self.owner, lease_until=lease_until, acquired_at=since, t=t)
+        writes = [self.ledger.create_write(rid, L.apply_updates(own.doc, updates)) if own.item is None
+                  else self.ledger.update_write(own.item, updates),
+                  self.ledger.gate_create(gate) if held is None else self.ledger.gate_replace(gate, held.version)]
+        if holder is not None and resolution is not None:
+            writes.append(self.ledger.update_write(holder, resolution))
+        return _Plan(gate, own, updates, writes, holder if resolution is not None else None, resolution)
+
+    def took(self, plan: _Plan, versions: list[str]) -> Versioned:
+        self.gate = Held(plan.gate, versions[1])
+        self.deadline = time.monotonic() + self.s.healthcare_retry_budget_s  # the export call's own budget
+        if plan.holder is not None and plan.resolution is not None:
+            logs.warning("took the dataset's gate over from a request whose delivery stopped in its export call; "
+                         "that call is resolved", holderRequestId=plan.holder.request_id,
+                         holderState=plan.resolution.get("state"), holderOperation=plan.resolution.get("operation"))
+        return Versioned(L.apply_updates(plan.own.doc, plan.updates), versions[0])
+
+    def reread(self, own: _Own, dataset: str) -> tuple[_Own, Held | None]:
+        """After a lost gate commit: this request's document and the gate, in one read."""
+        current, held = self.ledger.read_with_gate(str(own.doc["requestId"]), dataset)
+        if own.item is None:
+            if current is not None:
+                raise _Recorded(current)
+            return own, held
+        if current is None or current.doc.get("leaseOwner") != self.owner:
+            raise Redeliver("lost the lease on the request (another delivery took over)")
+        return _Own(current, current.doc), held
+
+    def wait_for_gate(self, dataset: str, held: Held | None, *, until: datetime) -> Held | None:
+        """Read the gate again, with growing pauses, until it changes or `until` passes (its holder's lease
+        ends); _Busy when this delivery's budget runs out first."""
+        assert held is not None
+        logs.info("waiting for the dataset's gate: another request may be in its export call",
+                  holderRequestId=held.gate.holder, until=until)
+        pause = 0.02
+        while time.monotonic() < self.deadline:
+            time.sleep(random.uniform(pause / 2, pause))  # backoff between reads of a gate held elsewhere
+            pause = min(pause * 1.5, 0.1)  # the gate is held for about one call and one commit
+            current = self.ledger.read_gate(dataset)
+            if current is None or current.version != held.version or now() >= until:
+                return current
+        raise _Busy(held.gate)
+
+    @staticmethod
+    def busy(gate: Gate) -> Redeliver:
+        logs.info("another request of the dataset is in its export call (it holds the dataset's gate); "
+                  "asking Pub/Sub to redeliver", holderRequestId=gate.holder, gateLeaseUntil=gate.lease_until)
+        return Redeliver(f"the gate of {gate.dataset} is held by request {gate.holder}")
+
+    def resolve_holder(self, holder: Versioned, gate: Gate, t: datetime) -> Doc:
+        """The updates that finish a dead holder's call: its one operation recorded (the poller follows it
+        and publishes its EXPORT_STARTED), or no call in flight (RECEIVED: a redelivery makes a new attempt)."""
+        version = req.api_version_for(holder.doc["request"], self.s.healthcare_version)
+        try:
+            op = self.operation_under(gate, version)
+        except G.InvariantBroken as e:
+            logs.error(str(e), holderRequestId=holder.request_id)
+            failed = self.failed_updates(holder.doc, {"code": 13, "message": str(e)}, t)
+            return L.lease_dropped(t, {**failed, "nextPollAt": t})  # the poller publishes its event
+        if op is None:
+            return G.no_call(t)
+        return L.lease_dropped(t, self.operation_recorded(holder.doc, op, version, t)[1])
+
+    def release_gate(self, item: Versioned, updates: Doc, held: Held) -> Versioned | None:
+        """Write `updates` (which end STARTING) and delete the gate in one commit, while both are still
+        this delivery's; None when they are not (the lease was lost)."""
+        for _ in range(LOST_RACES):
+            versions = self.ledger.commit([self.ledger.update_write(item, updates),
+                                           self.ledger.gate_delete(held.gate.dataset, held.version)])
+            if versions is not None:
+                self.gate = None
+                return Versioned(L.apply_updates(item.doc, updates), versions[0])
+            current, gate = self.ledger.read_with_gate(item.request_id, held.gate.dataset)
+            if (current is None or current.doc.get("leaseOwner") != self.owner or gate is None
+                    or gate.gate.owner != self.owner):
+                return None
+            item, held = current, gate
+        return None
 
     # -- 2-4. start the export ---------------------------------------------------------------------------
     def start(self, item: Versioned, *, fresh: bool = False) -> Versioned:
@@ -198,16 +376,14 @@ class Intake:
         version = req.api_version_for(request, self.s.healthcare_version)
         try:
             if not fresh:
-                if item.doc["state"] == L.STARTING:
-                    found = self.find_operation(item.doc, version)
-                    if found is not None:
-                        return self.started(item, found, version, recovered=True)
-                t = now()
-                attempt = {"state": L.STARTING, "lastAttemptAt": t, "attempts": int(item.doc.get("attempts") or 0) + 1,
-                           "recoveringBy": DELETE}  # an export call again: others of the dataset wait for it
-                if not item.doc.get("firstAttemptAt"):
-                    attempt["firstAttemptAt"] = t
-                item = self.update(item, attempt)
+                recovering = item.doc["state"] == L.STARTING
+                try:
+                    item = self.take_gate(_Own(item, item.doc))
+                except _Busy as e:
+                    raise self.busy(e.gate) from None
+                found = self.find_operation(version) if recovering else None
+                if found is not None:
+                    return self.started(item, found, version, recovered=True)
             while True:
                 try:
                     op = self.hc.export(store, req.export_body(request), version=version, deadline=self.deadline)
@@ -216,7 +392,7 @@ class Intake:
                     if not e.ambiguous:
                         raise
                     # It may have started: look before exporting again.
-                    found = self.find_operation(item.doc, version)
+                    found = self.find_operation(version)
                     if found is not None:
                         return self.started(item, found, version, recovered=True)
                     if time.monotonic() >= self.deadline:
@@ -231,9 +407,9 @@ class Intake:
             return self.failed(item, error)
         except TransientError as e:
             return self.transient(item, e)
-        except _Ambiguous as e:
+        except G.InvariantBroken as e:
             logs.error(str(e))
-            return self.failed(item, {"code": 10, "message": str(e)})
+            return self.failed(item, {"code": 13, "message": str(e)})
 
     # -- 5. publish ---------------------------------------------------------------------------------------
     def publish_failed(self, item: Versioned, event_type: str, e: PublishError) -> None:
@@ -261,22 +437,26 @@ class Intake:
         severity(f"published {event_type}", eventType=event_type, eventId=recorded["eventId"],
                  error=recorded["data"].get("error"))
 
-    def started(self, item: Versioned, op: Doc, version: str, *, recovered: bool = False) -> Versioned:
-        """Record the operation (with EXPORT_STARTED, unpublished, and the lease's release) while the event
-        is being published, then record the publication.
+    def operation_recorded(self, doc: Doc, op: Doc, version: str, t: datetime) -> tuple[Doc, Doc]:
+        """(EXPORT_STARTED as built, the updates that record the operation and the event, unpublished)."""
+        meta = op.get("metadata") or {}
+        updates = {"state": L.STARTED, "operation": op["name"], "apiVersion": version,
+                   "createTime": meta.get("createTime"), "logsUrl": meta.get("logsUrl"),
+                   "nextPollAt": t + timedelta(seconds=1), "pollInterval": self.s.poll_initial_interval_s}
+        return outbox.record(ev.STARTED, {**doc, **updates}, updates)
 
-        The first write closes the window in which a crash leaves an export that operations.list must
+    def started(self, item: Versioned, op: Doc, version: str, *, recovered: bool = False) -> Versioned:
+        """Record the operation (with EXPORT_STARTED, unpublished, the lease's release and the gate's
+        deletion) while the event is being published, then record the publication.
+
+        The first commit closes the window in which a crash leaves an export that operations.list must
         find again (find_operation), so it is made at once, not after the publish; running the publish
         beside it costs no time. If the process dies after it, the poller (or a redelivery) publishes
         the recorded event; if it dies after the publish but before the second write, the event is
         published again with the same eventId. If the publish fails, Pub/Sub redelivers the request,
         and the redelivery publishes the recorded event."""
         meta = op.get("metadata") or {}
-        t = now()
-        updates = {"state": L.STARTED, "operation": op["name"], "apiVersion": version,
-                   "createTime": meta.get("createTime"), "logsUrl": meta.get("logsUrl"),
-                   "nextPollAt": t + timedelta(seconds=1), "pollInterval": self.s.poll_initial_interval_s}
-        built, updates = outbox.record(ev.STARTED, {**item.doc, **updates}, updates)
+        built, updates = self.operation_recorded(item.doc, op, version, now())
         logs.bind(operation=op["name"], logsUrl=meta.get("logsUrl"))
         logs.info("export started" + (" (operation found again after an interrupted call)" if recovered else ""),
                   recovered=recovered)
@@ -311,11 +491,13 @@ class Intake:
             _, done = self.ledger.update(item.request_id, decide)
         return done or new
 
-    def failed(self, item: Versioned, error: Doc) -> Versioned:
-        t = now()
+    @staticmethod
+    def failed_updates(doc: Doc, error: Doc, t: datetime) -> Doc:
         updates: Doc = {"state": L.FAILED, "error": error, "endTime": rfc3339(t)}
-        _, updates = outbox.record(ev.FAILED, {**item.doc, **updates}, updates)
-        return self.update(item, updates)
+        return outbox.record(ev.FAILED, {**doc, **updates}, updates)[1]
+
+    def failed(self, item: Versioned, error: Doc) -> Versioned:
+        return self.update(item, self.failed_updates(item.doc, error, now()))
 
     def transient(self, item: Versioned, e: TransientError) -> Versioned:
         age = (now() - (item.doc.get("publishTime") or self.published_at)).total_seconds()
@@ -330,44 +512,22 @@ class Intake:
         return self.failed(item, {"code": 4, "message": message})
 
     # -- the crash window between "export returned" and "operation recorded" -----------------------------
-    def find_operation(self, doc: Doc, version: str) -> Doc | None:
-        """The export this request started before its delivery was interrupted, if any.
-
-        Operations carry no request id, so: list the dataset's export operations created since the
-        first attempt (minus clock skew) that no ledger document claims. If another request of the
-        same dataset may be mid-call (a live lease, not a recovery like this one), wait for it
-        (redeliver); one candidate and no other request in STARTING is ours; none means nothing
-        started; otherwise they cannot be told apart, so fail rather than risk exporting twice."""
-        dataset = dataset_of(doc["request"]["dicomStore"])
-        assert dataset is not None  # a request that got this far has a valid store name
-        since = (doc.get("firstAttemptAt") or doc.get("lastAttemptAt") or now()) - CLOCK_SKEW
-        candidates = []
-        for op in self.hc.iter_operations(dataset, version=version, deadline=self.deadline):
-            meta = op.get("metadata") or {}
-            created = ev.parse_time(meta.get("createTime"))
-            if "ExportDicomData" in str(meta.get("apiMethodName", "")) and created is not None and created >= since:
-                candidates.append(op)
-        recent = now() - timedelta(seconds=2 * self.s.max_request_age_s)  # older ones give up on their own
-        others = [d for d in self.ledger.in_state(L.STARTING, hcDataset=dataset)
-                  if d["requestId"] != doc["requestId"] and (d.get("publishTime") or recent) >= recent]
-        candidates = [op for op in candidates if self.ledger.find_by_operation(op["name"]) is None]
-        # Wait for a delivery that may be in its export call (it records its operation in a moment), but
-        # never for another recovery: that one is doing just this, and would wait for us in turn.
-        t = now()
-        if any(d.get("leaseUntil") and d["leaseUntil"] > t and d.get("recoveringBy") != d.get("leaseOwner")
-               for d in others):
-            logs.info("another request of the same dataset is starting its export; waiting for it",
-                      candidates=len(candidates))
-            raise Redeliver("another export on the dataset is being started")
-        if not candidates:
+    def find_operation(self, version: str) -> Doc | None:
+        """The export this request started under the gate it holds before its call was interrupted, if any."""
+        assert self.gate is not None
+        found = self.operation_under(self.gate.gate, version)
+        if found is None:
             logs.info("no operation of this request found: the export had not started")
-            return None
-        if len(candidates) == 1 and not others:
-            return candidates[0]
-        names = ", ".join(op["name"] for op in candidates[:5])
-        raise _Ambiguous(f"cannot tell which of {len(candidates)} export operations started since "
-                         f"{rfc3339(since)} belongs to this request ({names}); not exporting again")
+        return found
 
+    def operation_under(self, gate: Gate, version: str) -> Doc | None:
+        """The one export operation started under `gate` that no ledger document claims (its holder's), or
+        None. Operations carry no request id, but while the gate is held nobody else of this service
+        calls export on the dataset: more than one is G.InvariantBroken."""
+        ops = G.candidates(self.hc.iter_operations(gate.dataset, version=version, deadline=self.deadline),
+                           gate.acquired_at)
+        claimed = self.ledger.claimed([str(op["name"]) for op in ops])
+        return G.sole([op for op in ops if op["name"] not in claimed], gate)
 
 def _with_remedy(doc: Doc, error: Doc) -> Doc:
     """error.remedy for a refused export call that is about BigQuery (docs/contract.md, "Events"); built only on
@@ -381,14 +541,12 @@ def _with_remedy(doc: Doc, error: Doc) -> Doc:
         return error
 
 
-class _Ambiguous(Exception):
-    pass
-
 
 def new_document(parsed: req.Parsed, raw: bytes | None, message_id: str, *, published_at: datetime,
                  owner: str | None, lease_s: float, at: datetime | None = None) -> Doc:
-    """The ledger document of a request as first recorded: STARTING (its first export attempt follows
-    at once, under the lease it is created with), or REJECTED with its event."""
+    """The ledger document of a request as first recorded: RECEIVED for a valid one (its first attempt,
+    which takes the dataset's gate, is written on top of it in the same commit: handlers/core/gate.py
+    attempt()), or REJECTED with its event, under `owner`'s lease."""
     t = at or now()
     doc = {
         "requestId": parsed.request_id, "state": L.RECEIVED, "messageId": message_id,
@@ -399,12 +557,10 @@ def new_document(parsed: req.Parsed, raw: bytes | None, message_id: str, *, publ
         "hcDataset": dataset_of(parsed.known.get("dicomStore")),
         "tableUri": (parsed.known.get("bigqueryDestination") or {}).get("tableUri"),
         "operation": None, "apiVersion": None, "createTime": None, "endTime": None, "logsUrl": None,
-        "counter": None, "error": None, "events": {},
-        "leaseOwner": owner, "leaseUntil": t + timedelta(seconds=lease_s) if owner else None,
+        "counter": None, "error": None, "events": {}, "attempts": 0, "leaseOwner": None, "leaseUntil": None,
     }
-    if parsed.rejection is None:
-        doc.update(state=L.STARTING, attempts=1, firstAttemptAt=t, lastAttemptAt=t)
-    else:
-        doc.update(state=L.REJECTED, error=parsed.rejection.error(), endTime=rfc3339(t))
+    if parsed.rejection is not None:
+        doc.update(state=L.REJECTED, error=parsed.rejection.error(), endTime=rfc3339(t), attempts=None,
+                   leaseOwner=owner, leaseUntil=t + timedelta(seconds=lease_s) if owner else None)
         doc["events"] = {ev.REJECTED: {**ev.build(ev.REJECTED, doc), "published": False}}
     return doc

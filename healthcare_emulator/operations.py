@@ -46,6 +46,7 @@ class Operations:
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="export")
         self._cancel_events: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
+        self._calls: dict[str, int] = {}  # export calls being answered, per dataset
         self._changed = threading.Condition()
         self._warehouse = None
         self._workers = export.Workers(app.options.export_workers)
@@ -183,6 +184,21 @@ class Operations:
         return json_response({"operation": name, "entries": [json.loads(r["entry"]) for r in rows]})
 
     def start_export(self, request: Request, version: str, store: str, raw: object) -> Response:
+        """dicomStores.export. An emulator-only figure beside the request counts: a call that arrives while
+        another export call on the same dataset is still being answered counts `export.overlapping` on the
+        dataset (/emulator/requestCounts), so tests can check that a caller makes one at a time."""
+        dataset = store.split("/dicomStores/")[0]
+        with self._lock:
+            if self._calls.get(dataset):
+                self.state.count(dataset, "export.overlapping")
+            self._calls[dataset] = self._calls.get(dataset, 0) + 1
+        try:
+            return self._start_export(request, version, store, raw)
+        finally:
+            with self._lock:
+                self._calls[dataset] -= 1
+
+    def _start_export(self, request: Request, version: str, store: str, raw: object) -> Response:
         self.state.count(store, "export.calls")
         self.maybe_fault("export")
         body = messages.check(raw, messages.EXPORT_REQUEST_BETA if version == "v1beta1" else messages.EXPORT_REQUEST)

@@ -95,6 +95,14 @@ class Firestore:
                 "updateMask": {"fieldPaths": [_field_path(p) for p in updates]},
                 "currentDocument": {"updateTime": version} if version else {"exists": True}}
 
+    def delete(self, collection: str, doc_id: str, *, version: str | None = None) -> Obj:
+        """Delete the document; only if it is at `version` (Conflict otherwise), or, without one, whether or
+        not it exists."""
+        write: Obj = {"delete": self.name(collection, doc_id)}
+        if version:
+            write["currentDocument"] = {"updateTime": version}
+        return write
+
     # -- calls -------------------------------------------------------------------------------------------
     def commit(self, writes: list[Obj]) -> list[str]:
         """All writes atomically; their new versions. Conflict if any precondition fails (then none is applied)."""

@@ -12,6 +12,8 @@ from datetime import datetime
 from typing import Any, Callable, Collection
 
 from handlers.core.errors import ContentionError
+from handlers.core.gate import Gate, Held, gate_id
+from handlers.core.gate import collection as gate_collection
 from handlers.core.ledger import (
     STARTED,
     Doc,
@@ -26,6 +28,7 @@ from handlers.core.ledger import (
 
 from .firestore import AGAIN, Conflict, Firestore
 from .firestore import Doc as Stored
+from .firestore import Obj as Write
 
 
 class Ledger:
@@ -111,6 +114,56 @@ class Ledger:
         fs = self.client()
         for i in range(0, len(docs), 500):
             fs.commit([fs.put(self.collection, doc_id(d["requestId"]), d) for d in docs[i:i + 500]])
+
+    # -- the gates of the datasets (handlers/core/gate.py), written in the same commits as requests ----------
+    @property
+    def gates(self) -> str:
+        return gate_collection(self.collection)
+
+    def create_write(self, request_id: str, doc: Doc) -> Write:
+        """A write for commit(): create the request's document (only if it does not exist)."""
+        return self.client().create(self.collection, doc_id(request_id), doc)
+
+    def update_write(self, item: Versioned, updates: Doc) -> Write:
+        """A write for commit(): apply `updates` only if the document is still at item.version."""
+        return self.client().update(self.collection, doc_id(item.request_id), updates, version=item.version)
+
+    def gate_create(self, gate: Gate) -> Write:
+        return self.client().create(self.gates, gate_id(gate.dataset), gate.fields())
+
+    def gate_replace(self, gate: Gate, version: str | None) -> Write:
+        """Take a gate over: every field replaced, only if it is still at `version`."""
+        return self.client().update(self.gates, gate_id(gate.dataset), gate.fields(), version=version)
+
+    def gate_delete(self, dataset: str, version: str | None) -> Write:
+        return self.client().delete(self.gates, gate_id(dataset), version=version)
+
+    def commit(self, writes: list[Write]) -> list[str] | None:
+        """All `writes` atomically (one round trip): their new versions, or None (nothing written) when a
+        precondition failed."""
+        try:
+            return self.client().commit(writes)
+        except Conflict:
+            return None
+
+    def read_gate(self, dataset: str) -> Held | None:
+        d = self.client().get(self.gates, gate_id(dataset))
+        return Held(Gate.of(d.data), d.version) if d is not None else None
+
+    def read_with_gate(self, request_id: str, dataset: str) -> tuple[Versioned | None, Held | None]:
+        """A request's document and its dataset's gate, in one round trip."""
+        d, g = self.client().get_all([(self.collection, doc_id(request_id)), (self.gates, gate_id(dataset))])
+        return (Versioned(d.data, d.version) if d is not None else None,
+                Held(Gate.of(g.data), g.version) if g is not None else None)
+
+    def claimed(self, operations: list[str]) -> set[str]:
+        """Those of `operations` that a ledger document records (a query per 30: Firestore's `in` limit)."""
+        out: set[str] = set()
+        for i in range(0, len(operations), 30):
+            docs = self.client().query(self.collection, where=[("operation", "in", operations[i:i + 30])],
+                                       select=["operation"])
+            out |= {str(d.data.get("operation")) for d in docs}
+        return out
 
     # -- queries ---------------------------------------------------------------------------------
     def due(self, *, limit: int = 50, at: datetime | None = None, state: str = STARTED) -> list[Doc]:

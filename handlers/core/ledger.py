@@ -62,7 +62,8 @@ class LedgerDoc(TypedDict, total=False):
     events: Doc  # {EVENT_TYPE: {"eventId", "data", "attributes", "published", "publishedAt", "messageId"}}
     leaseOwner: str | None
     leaseUntil: datetime | None
-    recoveringBy: str
+    recoveringBy: str  # written before gates (2026-12-02); removed at the next attempt
+    gateAcquiredAt: datetime  # in STARTING: the acquiredAt of the dataset's gate it holds (handlers/core/gate.py)
     attempts: int
     firstAttemptAt: datetime
     lastAttemptAt: datetime

@@ -13,6 +13,7 @@ import pytest
 
 from handlers import intake
 from handlers.core import events as ev
+from handlers.core import gate as G
 from handlers.core import ledger as L
 from handlers.core import request as req
 from tests.support import procs
@@ -51,7 +52,8 @@ def test_killed_while_the_export_call_is_in_flight(make_function, logs_dir, tmp_
 
 
 def _seed(f, store, rid, state, *, published_at=None, **fields):
-    """The ledger as a process that died at `state` left it (its lease expired)."""
+    """The ledger as a process that died at `state` left it (its lease expired); in STARTING, with the
+    dataset's gate it held (created in the same commit, its lease as expired)."""
     body = valid_request(store, rid)
     raw = json.dumps(body).encode()
     parsed = req.parse(raw, "seeded-message")
@@ -59,7 +61,12 @@ def _seed(f, store, rid, state, *, published_at=None, **fields):
     doc = intake.new_document(parsed, raw, "seeded-message", published_at=published_at or now, owner=None,
                               lease_s=0)
     doc.update(state=state, leaseOwner="dead-instance", leaseUntil=now - timedelta(seconds=1), **fields)
-    assert f.ledger.create(rid, doc)[0]
+    writes = [f.ledger.create_write(rid, doc)]
+    if state == L.STARTING:
+        doc["gateAcquiredAt"] = doc["firstAttemptAt"]
+        writes.append(f.ledger.gate_create(G.Gate(doc["hcDataset"], rid, "dead-instance", doc["leaseUntil"],
+                                                  doc["gateAcquiredAt"])))
+    assert f.ledger.commit(writes) is not None
     return body, doc
 
 
@@ -118,45 +125,27 @@ def test_an_operation_claimed_by_another_request_is_not_adopted(crash_function, 
     assert request_counts(hc.url)[store] == {"export.calls": 2, "export": 2}
 
 
-def test_two_recoveries_of_one_dataset_never_wait_for_each_other(crash_function, hcapi, hc):
-    """Two requests of one dataset died between their export calls and recording them; their redeliveries
-    run at the same time. Each holds its own lease while it looks: if each waited for the other's live lease,
-    both would wait for ever (the reliability suite's kill test found it). A recovery waits only for a
-    delivery that may be in its export call, so this one ends now, while the other's lease is still live:
-    two candidate operations, two requests, no way to tell them apart, so EXPORT_FAILED (code 10)."""
+def test_a_request_waits_for_the_gate_of_a_live_holder(crash_function, hcapi, hc):
+    """Another request of the dataset holds the gate with a live lease (it may be in its export call): this
+    one waits, then is redelivered (503), never exporting meanwhile; once the holder is done, it goes on."""
     f, dataset = crash_function, hcapi.dataset()
     store = hcapi.store(dataset)
-    rid, other_rid = unique("rec-a"), unique("rec-b")
+    rid, holder = unique("wait-a"), unique("wait-b")
+    body, _ = _seed(f, store, rid, L.RECEIVED)  # recorded without the gate, as a waiting delivery leaves it
     t = L.now()
-    body, _ = _seed(f, store, rid, L.STARTING, firstAttemptAt=t, lastAttemptAt=t, attempts=1)
-    other, _ = _seed(f, store, other_rid, L.STARTING, firstAttemptAt=t, lastAttemptAt=t, attempts=1)
-    f.ledger.update(other_rid, lambda d: {"leaseOwner": "recovery-elsewhere", "recoveringBy": "recovery-elsewhere",
-                                          "leaseUntil": L.now() + timedelta(minutes=10)})
-    for b in (body, other):  # what the two dead processes had started
-        hcapi.export(store, {"bigqueryDestination": b["bigqueryDestination"]}).raise_for_status()
+    _seed(f, store, holder, L.STARTING, firstAttemptAt=t, lastAttemptAt=t, attempts=1)
+    alive = L.now() + timedelta(minutes=10)
+    f.ledger.update(holder, lambda d: {"leaseOwner": "first-delivery", "leaseUntil": alive})
+    gate = f.ledger.read_gate(dataset)
+    assert f.ledger.commit([f.ledger.gate_replace(gate.gate._replace(owner="first-delivery", lease_until=alive),
+                                                  gate.version)]) is not None
     f.publish(body)
-    [e] = f.events(1, timeout=30, where=lambda e: e["attributes"]["requestId"] == rid)
-    assert e["attributes"]["eventType"] == "EXPORT_FAILED" and e["data"]["error"]["code"] == 10
-    assert "cannot tell which of 2 export operations" in e["data"]["error"]["message"]
-    assert f.ledger.get(other_rid)["leaseUntil"] > L.now()  # it did not wait for the other's lease
-    assert request_counts(hc.url)[store] == {"export.calls": 2, "export": 2}  # the dead processes' only
-
-
-def test_a_recovery_waits_for_a_delivery_in_its_export_call(crash_function, hcapi, hc):
-    """The other request's live lease belongs to a first delivery (not a recovery): it may be in its export
-    call, about to record the operation, so the recovery waits (503, redelivered) instead of guessing."""
-    f, dataset = crash_function, hcapi.dataset()
-    store = hcapi.store(dataset)
-    rid, other_rid = unique("wait-a"), unique("wait-b")
-    t = L.now()
-    body, _ = _seed(f, store, rid, L.STARTING, firstAttemptAt=t, lastAttemptAt=t, attempts=1)
-    _seed(f, store, other_rid, L.STARTING, firstAttemptAt=t, lastAttemptAt=t, attempts=1)
-    f.ledger.update(other_rid, lambda d: {"leaseOwner": "first-delivery", "leaseUntil": L.now() + timedelta(minutes=10)})
-    f.publish(body)
-    wait_for(lambda: sum(1 for x in f.log_entries() if x["message"].startswith("another request of the same dataset")
-                         and x["logging.googleapis.com/labels"]["requestId"] == rid) >= 2, what="two waits")
-    assert f.ledger.get(rid)["state"] == L.STARTING and store not in request_counts(hc.url)
-    f.ledger.update(other_rid, lambda d: {"state": L.FAILED})  # the other one is done: this one goes on
+    wait_for(lambda: sum(1 for x in f.log_entries() if x["message"].startswith("another request of the dataset")
+                         and x["logging.googleapis.com/labels"]["requestId"] == rid) >= 2, what="two redeliveries")
+    assert f.ledger.get(rid)["state"] == L.RECEIVED and store not in request_counts(hc.url)
+    gate = f.ledger.read_gate(dataset)  # the holder is done: its operation's record deletes the gate
+    assert f.ledger.commit([f.ledger.update_write(f.ledger.read(holder), {"state": L.FAILED}),
+                            f.ledger.gate_delete(dataset, gate.version)]) is not None
     [e] = f.events(1, timeout=30, where=lambda e: e["attributes"]["requestId"] == rid)
     assert e["attributes"]["eventType"] == "EXPORT_STARTED"
     assert request_counts(hc.url)[store] == {"export.calls": 1, "export": 1}
