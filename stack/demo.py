@@ -134,8 +134,8 @@ def run(root: Path) -> int:
             print(f"  {store}\n  BigQuery dataset {local.PROJECT}.{BQ_DATASET}")
         with step("store pydicom's bundled DICOM test corpus through STOW-RS"):
             stored, failed = stow_corpus(hc, store)
-            print(f"  {stored} parts stored (identical copies count once), {failed} refused (a SOP Instance UID "
-                  "already stored with other content, or not storable)")
+            print(f"  {stored} parts stored, {failed} refused (a SOP Instance UID "
+                  "already stored, or not storable)")
         events = Events(stack)
         stamp = time.strftime("%Y%m%dT%H%M%S")
         with step("export the whole store: request -> intake -> Healthcare export -> poller -> event"):

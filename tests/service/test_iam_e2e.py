@@ -1,4 +1,4 @@
-"""Issue 16 end to end, against the Healthcare emulator with --enforce-iam, through the functions (export_request
+"""Missing BigQuery grants (docs/operations.md, "Deploying") end to end, against the Healthcare emulator with --enforce-iam, through the functions (export_request
 and poll_exports under functions-framework, fed by Pub/Sub emulator push subscriptions with dead-letter policies):
 
 1. a request to a dataset the Cloud Healthcare Service Agent may not write ends EXPORT_FAILED, code 7, with the

@@ -1,5 +1,5 @@
 """dicomStores.import of pydicom's whole test-file corpus, with the legacy notificationConfig's
-sendForBulkImport, feeding the ingest function end to end (issue 15): every imported instance lands in the
+sendForBulkImport, feeding the ingest function end to end: every imported instance lands in the
 routed BigQuery table exactly once. Real emulators (Healthcare, Pub/Sub, Firestore, fake-gcs-server) and the
 real functions; every wait is a condition with a deadline."""
 from __future__ import annotations

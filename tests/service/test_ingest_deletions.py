@@ -1,5 +1,4 @@
-"""Deletions and replacements applied, failed batches re-driven then surfaced, bad input counted (issue 13,
-items 2-4), end to end on the local stack: the Healthcare emulator's notifications feed ingest_notification;
+"""Deletions and replacements applied, failed batches re-driven then surfaced, bad input counted, end to end on the local stack: the Healthcare emulator's notifications feed ingest_notification;
 batches go through the real intake and poller; rows are read from the emulator's BigQuery warehouse."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The table equals the store (issue 13), end to end on the local stack: random sequences over a few studies of
+"""The table equals the store (docs/design.md, "Deletions and replacements"), end to end on the local stack: random sequences over a few studies of
 stores, deletions of an instance / a series / a study, replacements (deleted and stored again with changed
 metadata) and killed function processes, with exports failing at random (the emulator answers 503 to export
 calls; a request still failing after MAX_REQUEST_AGE_S ends EXPORT_FAILED, and its batch is re-driven); then
