@@ -126,13 +126,18 @@ def _topic(env: Env, name: str, default: str) -> str:
     return value
 
 
+def _bounded(env: Env, name: str, default: float, lo: float, hi: float, integer: bool = False) -> Any:
+    """A number setting within [lo, hi]."""
+    value = _number(env, name, default, minimum=lo, integer=integer)
+    if value > hi:
+        raise SettingsError(f"{name}={value}: must be at most {hi}")
+    return value
+
+
 def _poll_settings(env: Env) -> dict[str, Any]:
     """The poller's settings (poll_exports), checked against each other."""
     def bounded(name: str, default: float, lo: float, hi: float, integer: bool = False) -> Any:
-        value = _number(env, name, default, minimum=lo, integer=integer)
-        if value > hi:
-            raise SettingsError(f"{name}={value}: must be at most {hi}")
-        return value
+        return _bounded(env, name, default, lo, hi, integer)
 
     out = dict(
         poll_concurrency=bounded("POLL_CONCURRENCY", 16, 1, 256, integer=True),
@@ -210,10 +215,7 @@ def _routes_json(text: str) -> dict[str, Any]:
 def _table_settings(env: Env) -> dict[str, Any]:
     """Settings of deletions, re-driven batches and reconcile_tables."""
     def bounded(name: str, default: float, lo: float, hi: float, integer: bool = False) -> Any:
-        value = _number(env, name, default, minimum=lo, integer=integer)
-        if value > hi:
-            raise SettingsError(f"{name}={value}: must be at most {hi}")
-        return value
+        return _bounded(env, name, default, lo, hi, integer)
 
     dry = env.get("RECONCILE_DRY_RUN", "").strip().lower()
     if dry not in ("", "0", "1", "false", "true"):
