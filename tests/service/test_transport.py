@@ -140,6 +140,7 @@ print(json.dumps({{"status": r.status_code, "loaded": loaded}}))
 """
     env = {"GOOGLE_CLOUD_PROJECT": PROJECT, "EXPORT_EVENTS_TOPIC": topic, "EXPORT_REQUESTS_TOPIC": topic,
            "LEDGER_COLLECTION": unique("grpc-free"), "HEALTHCARE_API_ENDPOINT": "http://127.0.0.1:9",
+           "BIGQUERY_API_ENDPOINT": "http://127.0.0.1:9", "RESOURCE_MANAGER_API_ENDPOINT": "http://127.0.0.1:9",
            "INGEST_ROUTES": json.dumps({store: f"bq://{PROJECT}.d.t"}), "INGEST_FILTER_BUCKET": unique("b"),
            "INGEST_BATCH_MAX_INSTANCES": "1", "STORAGE_EMULATOR_HOST": gcs.url, "GOOGLE_APPLICATION_CREDENTIALS": ""}
     outs = {}
