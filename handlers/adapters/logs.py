@@ -26,6 +26,7 @@ _labels: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar("log
                                                                           default=MappingProxyType({}))
 _trace: contextvars.ContextVar[tuple[str | None, str | None]] = contextvars.ContextVar("log_trace",
                                                                                       default=(None, None))
+_open: contextvars.ContextVar[bool] = contextvars.ContextVar("log_context_open", default=False)
 _lock = threading.Lock()
 _TOKEN = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+|ya29\.[A-Za-z0-9._-]+")
 SEVERITIES = ("DEBUG", "INFO", "NOTICE", "WARNING", "ERROR", "CRITICAL")
@@ -39,17 +40,24 @@ def scrub(text: str) -> str:
 def context(trace: str | None = None, span: str | None = None, **labels: Any) -> Iterator[None]:
     """Bind labels (and a trace) to every entry logged inside the block, in this thread/context."""
     tok = _labels.set({**_labels.get(), **{k: str(v) for k, v in labels.items() if v is not None}})
+    otok = _open.set(True)
     ttok = _trace.set((trace, span)) if trace else None
     try:
         yield
     finally:
+        _open.reset(otok)
         _labels.reset(tok)
         if ttok is not None:
             _trace.reset(ttok)
 
 
 def bind(**labels: Any) -> None:
-    """Add labels to the current context (e.g. the operation once it is known)."""
+    """Add labels to the current `context(...)` block (e.g. the operation once it is known).
+
+    Outside a block it does nothing: a label bound there would outlive the delivery and be stamped on
+    every later entry of this thread (a worker thread serves many deliveries)."""
+    if not _open.get():
+        return
     _labels.set({**_labels.get(), **{k: str(v) for k, v in labels.items() if v is not None}})
 
 

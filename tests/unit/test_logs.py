@@ -45,3 +45,20 @@ def test_a_hostile_field_name_never_splits_the_log_line(capsys):
     assert out.isascii() and len(out.splitlines()) == 1
     line = json.loads(out)
     assert line["field"] == name and line["message"].endswith(name)
+
+
+def test_a_label_bound_outside_a_delivery_never_reaches_a_later_entry(capsys):
+    """bind() outside context(...) is a no-op: a worker thread serves many deliveries, and a label left
+    on it would be stamped on the next delivery's entries."""
+    import contextvars
+
+    def outside_then_inside():
+        logs.bind(logsUrl="http://leaked")
+        with logs.context(requestId="r2"):
+            logs.info("inside")
+        logs.info("after")
+
+    contextvars.Context().run(outside_then_inside)
+    inside, after = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert inside["logging.googleapis.com/labels"] == {"requestId": "r2"}
+    assert "logging.googleapis.com/labels" not in after
